@@ -1,0 +1,1 @@
+"""TLS material for the webhook: CA, serving certificate, rotation, caBundle."""

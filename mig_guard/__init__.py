@@ -1,0 +1,1 @@
+"""The mig-guard command line: wires the core, webhook, reconciler and certs together."""

@@ -1,0 +1,1 @@
+"""mig-guard domain core: pure MIG model (profiles, catalog, config, placement, planning)."""

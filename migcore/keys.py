@@ -1,0 +1,51 @@
+"""Every label, annotation, taint and condition name that mig-guard reads or writes.
+
+Kept in one place so the webhook, the reconciler, the chart and the docs agree on the
+wire names; nothing else in the code base spells these strings.
+"""
+
+from typing import Final
+
+# Written by the admin or a GitOps tool: the desired layout (a mig-parted config name).
+LABEL_MIG_CONFIG: Final = "nvidia.com/mig.config"
+# Written by the reconciler only (the webhook sets "pending" on an accepted change).
+LABEL_MIG_STATE: Final = "nvidia.com/mig.config.state"
+
+# Written by GPU Feature Discovery; read to know the hardware.
+LABEL_GPU_PRODUCT: Final = "nvidia.com/gpu.product"
+LABEL_GPU_COUNT: Final = "nvidia.com/gpu.count"
+LABEL_MIG_CAPABLE: Final = "nvidia.com/mig.capable"
+
+# GPU Operator operand switches, paused during a change like mig-manager does.
+LABEL_GPU_DEPLOY_PREFIX: Final = "nvidia.com/gpu.deploy."
+PAUSED_FOR_MIG_CHANGE: Final = "paused-for-mig-change"
+
+# mig-guard's own keys. Every label or annotation under this prefix is protected:
+# only the reconciler's identities may change it (the webhook's own mutation excepted).
+PREFIX: Final = "mig-guard.io/"
+# The node's GPUs as the reconciler discovered them (format: migcore.hardware).
+ANNOTATION_GPUS: Final = PREFIX + "gpus"
+# A sentence saying why the state is what it is ("applied all-1g.5gb to 8 GPUs in 3.1s").
+ANNOTATION_REASON: Final = PREFIX + "reason"
+# What mig-guard did to hold the node (taint and/or cordon), so that only that is undone.
+ANNOTATION_HOLD: Final = PREFIX + "hold"
+# The plan being applied and how far it got (crash safety).
+ANNOTATION_PROGRESS: Final = PREFIX + "progress"
+
+# The taint that keeps new pods off GPUs that are about to be repartitioned.
+TAINT_KEY: Final = PREFIX + "reconfiguring"
+TAINT_EFFECT: Final = "NoSchedule"
+
+# Node condition shown by `kubectl describe node`.
+CONDITION_READY: Final = "MIGConfigReady"
+
+STATE_PENDING: Final = "pending"
+STATE_REBOOTING: Final = "rebooting"
+STATE_SUCCESS: Final = "success"
+STATE_FAILED: Final = "failed"
+STATES: Final = (STATE_PENDING, STATE_REBOOTING, STATE_SUCCESS, STATE_FAILED)
+
+
+def is_protected_key(key: str) -> bool:
+    """True for keys that only the reconciler may change (so success cannot be spoofed)."""
+    return key == LABEL_MIG_STATE or key.startswith(PREFIX)

@@ -1,0 +1,1 @@
+"""Node agent that applies MIG geometry through NVML and reports state."""

@@ -1,0 +1,1 @@
+"""Validating and mutating admission webhook for nvidia.com/mig.config."""
