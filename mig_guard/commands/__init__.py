@@ -1,0 +1,1 @@
+"""Subcommands of `mig-guard`, one module each."""

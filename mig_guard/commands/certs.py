@@ -1,0 +1,17 @@
+"""`mig-guard certs`: not implemented yet (placeholder so the CLI wiring is fixed)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser("certs", help="(not implemented yet)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print("mig-guard certs: not implemented yet", file=sys.stderr)
+    return 2

@@ -1,0 +1,209 @@
+"""Does a set of MIG devices fit one GPU, and where exactly?
+
+Input is a `mig-devices` map (profile -> count, where each count is one compute instance,
+as in mig-parted). Compute instances are packed into GPU instances (first fit, largest
+first), then GPU instances are placed on the product's placement grid by an exhaustive
+search over placements (never over creation orders). The answer is either a concrete
+geometry (a start slot per instance) or a sentence saying why it cannot fit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from migcore.catalog import ComputeProfile, GpuInstanceProfile, Product, ProfileNotOnProductError
+from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec
+from migcore.profiles import MigProfile
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Verdict of `fit`: a geometry when it fits, else the reason in words."""
+
+    fits: bool
+    geometry: GpuGeometry | None = None
+    reason: str | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class _PendingGi:
+    profile: GpuInstanceProfile
+    used: int = 0  # bitmask of compute slices taken
+    compute: list[ComputeInstanceSpec] = field(default_factory=list)
+
+    def try_add(self, ci: ComputeProfile) -> bool:
+        for start in ci.placements(self.profile.slices):
+            mask = ((1 << ci.slices) - 1) << start
+            if not self.used & mask:
+                self.used |= mask
+                self.compute.append(ComputeInstanceSpec(str(ci.name), start))
+                return True
+        return False
+
+
+def _describe(counts: Counter[str]) -> str:
+    return ", ".join(f"{name} x{n}" if n > 1 else name for name, n in counts.items())
+
+
+def _pack_compute(
+    product: Product, requests: Mapping[MigProfile, int]
+) -> tuple[list[_PendingGi], str | None]:
+    """Group compute instances into GPU instances (first fit decreasing by CI size)."""
+    items: list[tuple[GpuInstanceProfile, ComputeProfile]] = []
+    for profile, count in requests.items():
+        if count < 0:
+            return [], f"{profile}: count {count} is negative"
+        try:
+            gi, ci = product.resolve(profile)
+        except ProfileNotOnProductError as exc:
+            return [], str(exc)
+        items.extend([(gi, ci)] * count)
+    # Largest GI first, then largest CI first: the order mig-parted flattens in.
+    items.sort(
+        key=lambda pair: (-pair[0].placement_size, -pair[0].slices, str(pair[0].name), -pair[1].slices)
+    )
+    gis: list[_PendingGi] = []
+    for gi, ci in items:
+        for pending in gis:
+            if pending.profile is gi and pending.try_add(ci):
+                break
+        else:
+            pending = _PendingGi(gi)
+            if not pending.try_add(ci):
+                return [], f"compute profile {ci.name} does not fit in a {gi.name} GPU instance"
+            gis.append(pending)
+    return gis, None
+
+
+def _check_counts(product: Product, gis: list[_PendingGi]) -> str | None:
+    per_profile: Counter[GpuInstanceProfile] = Counter(g.profile for g in gis)
+    for profile, n in per_profile.items():
+        if n > profile.max_count:
+            return (
+                f"{profile.name} x{n} needs {n} GPU instances; {product.key} allows at most "
+                f"{profile.max_count} of {profile.name}"
+            )
+    if len(gis) > product.max_instances:
+        return f"{len(gis)} GPU instances requested; {product.key} holds at most {product.max_instances}"
+    media = [g for g in gis if g.profile.name.has_media_extension]
+    if len(media) > 1:
+        names = _describe(Counter(str(g.profile.name) for g in media))
+        return f"{names}: only one media-extension (+me) instance fits on a GPU"
+    if any(g.profile.name.has_all_media for g in gis):
+        others = [g for g in gis if not g.profile.name.has_all_media and not g.profile.name.negative]
+        if others:
+            names = _describe(Counter(str(g.profile.name) for g in others))
+            return f"a +me.all instance takes every media engine; only -me profiles may sit beside it, not {names}"
+    slices = sum(g.profile.slices for g in gis)
+    if slices > product.compute_slices:
+        return f"{_describe(_counts(gis))} need {slices} compute slices; {product.key} has {product.compute_slices}"
+    return None
+
+
+def _counts(gis: list[_PendingGi]) -> Counter[str]:
+    return Counter(str(g.profile.name) for g in gis)
+
+
+def _memory_reason(product: Product, gis: list[_PendingGi]) -> str | None:
+    grid = product.placement_grid
+    used = 0
+    placed: list[_PendingGi] = []
+    for gi in gis:
+        if used + gi.profile.placement_size > grid:
+            so_far = _describe(_counts(placed))
+            verb = "uses" if len(placed) == 1 else "use"
+            amount = f"all {grid}" if used == grid else f"{used} of {grid}"
+            return f"{so_far} {verb} {amount} memory slices; no room for {gi.profile.name}"
+        used += gi.profile.placement_size
+        placed.append(gi)
+    return None
+
+
+def _search(gis: list[_PendingGi], grid: int) -> list[int] | None:
+    """Exhaustive placement search with memo on (position, occupied mask)."""
+    order = sorted(
+        range(len(gis)), key=lambda i: (len(gis[i].profile.placements), -gis[i].profile.placement_size)
+    )
+    profiles = [gis[i].profile for i in order]
+    starts: list[int] = [0] * len(order)
+    dead: set[tuple[int, int]] = set()
+    full = (1 << grid) - 1
+
+    def place(k: int, occupied: int, min_start: int) -> bool:
+        if k == len(profiles):
+            return True
+        if (k, occupied) in dead:
+            return False
+        profile = profiles[k]
+        mask0 = (1 << profile.placement_size) - 1
+        for start in profile.placements:
+            if start < min_start:
+                continue  # identical profiles are placed in increasing order (no symmetric retries)
+            mask = mask0 << start
+            if occupied & mask or mask & ~full:
+                continue
+            starts[k] = start
+            same_next = k + 1 < len(profiles) and profiles[k + 1] is profile
+            if place(k + 1, occupied | mask, start + 1 if same_next else 0):
+                return True
+        dead.add((k, occupied))
+        return False
+
+    if not place(0, 0, 0):
+        return None
+    result = [0] * len(gis)
+    for k, i in enumerate(order):
+        result[i] = starts[k]
+    return result
+
+
+def _placement_reason(product: Product, gis: list[_PendingGi]) -> str:
+    """Name the first instance (largest first) for which no placement is left."""
+    for n in range(1, len(gis) + 1):
+        if _search(gis[:n], product.placement_grid) is None:
+            blocked = gis[n - 1].profile
+            before = _describe(_counts(gis[: n - 1]))
+            starts = ", ".join(str(s) for s in blocked.placements)
+            where = (
+                f"{blocked.name} can only start at slot {starts}"
+                if len(blocked.placements) == 1
+                else (f"{blocked.name} can only start at slots {starts}")
+            )
+            if before:
+                return f"no arrangement fits: with {before} placed, {where} and each is taken"
+            return f"no arrangement fits: {where}"
+    return "no arrangement fits"
+
+
+def fit(product: Product, requests: Mapping[MigProfile, int]) -> FitResult:
+    """Decide whether `requests` (a mig-devices map) fits one GPU of `product`."""
+    key = tuple(sorted((p, c) for p, c in requests.items() if c != 0))
+    return _fit_cached(product, key)
+
+
+@lru_cache(maxsize=65536)
+def _fit_cached(product: Product, items: tuple[tuple[MigProfile, int], ...]) -> FitResult:
+    requests = dict(items)
+    gis, reason = _pack_compute(product, requests)
+    if reason is None:
+        reason = _check_counts(product, gis) or _memory_reason(product, gis)
+    if reason is not None:
+        return FitResult(False, reason=reason)
+    starts = _search(gis, product.placement_grid)
+    if starts is None:
+        return FitResult(False, reason=_placement_reason(product, gis))
+    instances = tuple(
+        GpuInstanceSpec(start, gi.profile.placement_size, str(gi.profile.name), tuple(sorted(gi.compute)))
+        for gi, start in zip(gis, starts, strict=True)
+    )
+    warnings: list[str] = []
+    unconfirmed = sorted({str(g.profile.name) for g in gis if not g.profile.placements_confirmed})
+    if unconfirmed:
+        warnings.append(
+            f"placements of {', '.join(unconfirmed)} on {product.key} are inferred, not confirmed"
+        )
+    return FitResult(True, GpuGeometry(True, instances), warnings=tuple(warnings))
