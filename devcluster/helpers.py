@@ -1,0 +1,282 @@
+"""Helpers for tests and the demo: GPU nodes, webhook registrations, ServiceAccount clients."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes.client import ApiException
+
+from devcluster.kubeconfig import token_client
+
+#: The annotation kwok's node selector is configured with (``ControlPlane.start_workloads``).
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+
+#: Memory per GPU in MiB as GPU Feature Discovery reports it (``nvidia.com/gpu.memory``).
+GPU_MEMORY_MIB: dict[str, int] = {
+    "NVIDIA-A100-SXM4-40GB": 40960,
+    "NVIDIA-A100-PCIE-40GB": 40960,
+    "NVIDIA-A100-SXM4-80GB": 81920,
+    "NVIDIA-A100-80GB-PCIe": 81920,
+    "NVIDIA-A30": 24576,
+    "NVIDIA-H100-80GB-HBM3": 81559,
+    "NVIDIA-H100-PCIe": 81559,
+    "NVIDIA-H200": 143771,
+}
+
+_FAMILY = {
+    "A100": ("ampere", 8, 0),
+    "A30": ("ampere", 8, 0),
+    "H100": ("hopper", 9, 0),
+    "H200": ("hopper", 9, 0),
+}
+
+
+def gfd_labels(product: str, gpu_count: int, mig_capable: bool = True) -> dict[str, str]:
+    """Node labels the way NVIDIA GPU Feature Discovery sets them for ``product``."""
+    memory = GPU_MEMORY_MIB.get(product)
+    if memory is None:
+        m = re.search(r"(\d+)GB", product)
+        memory = int(m.group(1)) * 1024 if m else 0
+    labels = {
+        "nvidia.com/gpu.present": "true",
+        "nvidia.com/gpu.product": product,
+        "nvidia.com/gpu.count": str(gpu_count),
+        "nvidia.com/gpu.memory": str(memory),
+        "nvidia.com/mig.capable": "true" if mig_capable else "false",
+        "nvidia.com/gpu.deploy.gpu-feature-discovery": "true",
+    }
+    for key, (family, major, minor) in _FAMILY.items():
+        if key in product:
+            labels["nvidia.com/gpu.family"] = family
+            labels["nvidia.com/gpu.compute.major"] = str(major)
+            labels["nvidia.com/gpu.compute.minor"] = str(minor)
+            break
+    return labels
+
+
+def create_gpu_node(
+    api: Any,
+    name: str,
+    product: str = "NVIDIA-A100-SXM4-40GB",
+    gpu_count: int = 8,
+    *,
+    labels: Mapping[str, str] | None = None,
+    fake: bool = True,
+    mig_capable: bool = True,
+    annotations: Mapping[str, str] | None = None,
+    taints: Sequence[Mapping[str, str]] = (),
+    extended_resources: Mapping[str, str] | None = None,
+) -> Any:
+    """Create a Node labelled like GPU Feature Discovery labels a GPU node; returns the V1Node.
+
+    ``fake=True`` annotates it for kwok (``kwok.x-k8s.io/node=fake``): with workloads started, kwok
+    keeps it Ready and "runs" the pods bound to it. ``labels`` are added over the GFD labels.
+    """
+    all_labels = {
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        **gfd_labels(product, gpu_count, mig_capable),
+        **(labels or {}),
+    }
+    all_annotations = {**({KWOK_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"} if fake else {})}
+    all_annotations.update(annotations or {})
+    resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpu_count)}
+    resources.update(extended_resources or {})
+    body = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": all_labels, "annotations": all_annotations},
+        "spec": {"taints": [dict(t) for t in taints]} if taints else {},
+        # Nodes accept status on create (the kubelet registers itself that way).
+        "status": {"capacity": resources, "allocatable": resources},
+    }
+    core: Any = k8s.CoreV1Api(api)
+    return core.create_node(body)
+
+
+def register_webhook(
+    api: Any,
+    kind: str,
+    name: str,
+    url: str,
+    ca_bundle_pem: bytes,
+    *,
+    rules: Sequence[Mapping[str, Any]],
+    match_conditions: Sequence[Mapping[str, str]] | None = None,
+    failure_policy: str = "Fail",
+    side_effects: str = "None",
+    timeout_seconds: int = 5,
+    namespace_selector: Mapping[str, Any] | None = None,
+    object_selector: Mapping[str, Any] | None = None,
+    reinvocation_policy: str | None = None,
+    webhook_name: str | None = None,
+) -> Any:
+    """Create (or replace) a Validating/MutatingWebhookConfiguration with one webhook calling ``url``.
+
+    ``kind``: ``"validating"`` or ``"mutating"``. ``rules``: dicts like
+    ``{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"], "resources": ["nodes"]}``.
+    ``match_conditions``: ``[{"name": ..., "expression": <CEL>}]``. Returns the created object.
+
+    The API server picks new configurations up asynchronously (usually well under a second): tests
+    should poll for the webhook's effect rather than assume it is active at once.
+    """
+    if kind not in ("validating", "mutating"):
+        raise ValueError("kind must be 'validating' or 'mutating'")
+    if not url.startswith("https://"):
+        raise ValueError("webhook URLs must be https")
+    hook: dict[str, Any] = {
+        "name": webhook_name or f"{name}.mig-guard.test",
+        "clientConfig": {"url": url, "caBundle": base64.b64encode(ca_bundle_pem).decode()},
+        "rules": [dict(r) for r in rules],
+        "failurePolicy": failure_policy,
+        "sideEffects": side_effects,
+        "timeoutSeconds": timeout_seconds,
+        "admissionReviewVersions": ["v1"],
+        "matchPolicy": "Equivalent",
+    }
+    if match_conditions:
+        hook["matchConditions"] = [dict(c) for c in match_conditions]
+    if namespace_selector is not None:
+        hook["namespaceSelector"] = dict(namespace_selector)
+    if object_selector is not None:
+        hook["objectSelector"] = dict(object_selector)
+    if kind == "mutating" and reinvocation_policy is not None:
+        hook["reinvocationPolicy"] = reinvocation_policy
+    config_kind = "ValidatingWebhookConfiguration" if kind == "validating" else "MutatingWebhookConfiguration"
+    body: dict[str, Any] = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": config_kind,
+        "metadata": {"name": name},
+        "webhooks": [hook],
+    }
+    adm: Any = k8s.AdmissionregistrationV1Api(api)
+    create = (
+        adm.create_validating_webhook_configuration
+        if kind == "validating"
+        else adm.create_mutating_webhook_configuration
+    )
+    read = (
+        adm.read_validating_webhook_configuration
+        if kind == "validating"
+        else adm.read_mutating_webhook_configuration
+    )
+    replace = (
+        adm.replace_validating_webhook_configuration
+        if kind == "validating"
+        else adm.replace_mutating_webhook_configuration
+    )
+    try:
+        return create(body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    body["metadata"]["resourceVersion"] = read(name).metadata.resource_version
+    return replace(name, body)
+
+
+def delete_webhook(api: Any, kind: str, name: str) -> None:
+    adm: Any = k8s.AdmissionregistrationV1Api(api)
+    delete = (
+        adm.delete_validating_webhook_configuration
+        if kind == "validating"
+        else adm.delete_mutating_webhook_configuration
+    )
+    try:
+        delete(name)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def ensure_namespace(api: Any, name: str) -> None:
+    try:
+        core: Any = k8s.CoreV1Api(api)
+        core.create_namespace({"metadata": {"name": name}})
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
+def _apply(create: Any, replace: Any, name: str, body: Any, *args: Any) -> None:
+    try:
+        create(*args, body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        replace(name, *args, body)
+
+
+def service_account_client(
+    api: Any,
+    namespace: str,
+    name: str,
+    rules: Sequence[Mapping[str, Any]] = (),
+    *,
+    cluster_wide: bool = False,
+    expiration_seconds: int = 3600,
+) -> Any:
+    """Make ServiceAccount ``namespace/name`` with ``rules`` (a Role + RoleBinding, or a ClusterRole +
+    ClusterRoleBinding when ``cluster_wide``; nothing when ``rules`` is empty) and return an ApiClient
+    that authenticates with a token for it from the TokenRequest API.
+
+    ``rules``: dicts like ``{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]}``.
+    """
+    core: Any = k8s.CoreV1Api(api)
+    rbac: Any = k8s.RbacAuthorizationV1Api(api)
+    ensure_namespace(api, namespace)
+    try:
+        core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    if rules:
+        role_name = f"{name}-rules" if not cluster_wide else f"{namespace}:{name}-rules"
+        role = {"metadata": {"name": role_name}, "rules": [dict(r) for r in rules]}
+        subject = {"kind": "ServiceAccount", "name": name, "namespace": namespace}
+        if cluster_wide:
+            _apply(rbac.create_cluster_role, rbac.replace_cluster_role, role_name, role)
+            binding = {
+                "metadata": {"name": role_name},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": role_name,
+                },
+                "subjects": [subject],
+            }
+            _apply(rbac.create_cluster_role_binding, rbac.replace_cluster_role_binding, role_name, binding)
+        else:
+            _apply(
+                rbac.create_namespaced_role,
+                rbac.replace_namespaced_role,
+                role_name,
+                role,
+                namespace,
+            )
+            binding = {
+                "metadata": {"name": role_name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name},
+                "subjects": [subject],
+            }
+            _apply(
+                rbac.create_namespaced_role_binding,
+                rbac.replace_namespaced_role_binding,
+                role_name,
+                binding,
+                namespace,
+            )
+    token = core.create_namespaced_service_account_token(
+        name, namespace, {"spec": {"expirationSeconds": expiration_seconds}}
+    )
+    return token_client(api, token.status.token)
+
+
+def user_client(plane: Any, cn: str, groups: Sequence[str] = ()) -> Any:
+    """An ApiClient that authenticates as user ``cn`` in ``groups`` with a client certificate signed
+    by the cluster CA of ``plane`` (a :class:`devcluster.controlplane.ControlPlane`)."""
+    return plane.user_client(cn, groups)

@@ -1,0 +1,133 @@
+"""pytest fixtures for the local control plane. Register with
+``pytest_plugins = ["devcluster.pytest_plugin"]`` in the top-level conftest.py.
+
+Fixtures:
+
+* ``control_plane`` (session): a started :class:`~devcluster.controlplane.ControlPlane`
+  (etcd + kube-apiserver + a service-account-only controller manager);
+* ``k8s_api``: its admin ``kubernetes.client.ApiClient``; ``kubeconfig``: the admin kubeconfig path;
+* ``workload_plane`` (session): the same plane with the full controller manager, kube-scheduler and
+  kwok started (lazily, on first use);
+* ``kubectl``: a function running the kubectl binary against the admin kubeconfig, returning a
+  ``subprocess.CompletedProcess[str]``.
+
+Tests using them are marked ``cluster`` (and ``workloads``) automatically. When such a test fails,
+the tails of the component logs are added to its report. Missing binaries are an error that says how
+to get them, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devcluster import binaries
+from devcluster.controlplane import ControlPlane
+
+KubectlRunner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+_plane_key = pytest.StashKey[ControlPlane]()
+CLUSTER_FIXTURES = {"control_plane", "k8s_api", "kubeconfig", "workload_plane", "kubectl"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)
+        if "workload_plane" in names:
+            item.add_marker(pytest.mark.workloads)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not report.failed:
+        return
+    if not set(getattr(item, "fixturenames", ())) & CLUSTER_FIXTURES:
+        return
+    plane = item.config.stash.get(_plane_key, None)
+    if plane is not None:
+        report.sections.append(("devcluster logs (tails)", plane.log_tails(lines=25)))
+
+
+@pytest.fixture(scope="session")
+def control_plane(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Generator[ControlPlane]:
+    try:
+        binaries.find_all(("etcd", "kube-apiserver", "kube-controller-manager"))
+    except binaries.BinariesMissingError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    workdir = tmp_path_factory.mktemp("devcluster")
+    plane = ControlPlane(workdir=workdir)
+    request.config.stash[_plane_key] = plane
+    try:
+        plane.start()
+    except Exception:
+        print(plane.log_tails(lines=40))
+        raise
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def workload_plane(control_plane: ControlPlane) -> ControlPlane:
+    try:
+        binaries.find_all(("kube-scheduler", "kwok"))
+    except binaries.BinariesMissingError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    control_plane.start_workloads()
+    return control_plane
+
+
+@pytest.fixture(scope="session")
+def k8s_api(control_plane: ControlPlane) -> Any:
+    return control_plane.api
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(control_plane: ControlPlane) -> Path:
+    return control_plane.kubeconfig_path
+
+
+@pytest.fixture(scope="session")
+def kubectl_binary() -> Path:
+    try:
+        return binaries.find_binary("kubectl")
+    except binaries.BinariesMissingError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def kubectl(kubectl_binary: Path, kubeconfig: Path) -> KubectlRunner:
+    def run(
+        *args: str | Sequence[str],
+        input: str | None = None,
+        check: bool = False,
+        timeout: float = 60,
+        kubeconfig_path: Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        argv: list[str] = []
+        for arg in args:
+            argv.extend([arg] if isinstance(arg, str) else list(arg))
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig_path or kubeconfig)}
+        return subprocess.run(
+            [str(kubectl_binary), *argv],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            env=env,
+        )
+
+    return run
