@@ -340,4 +340,5 @@ def catalog_from_data(data: Mapping[str, Any]) -> Catalog:
 def load_catalog() -> Catalog:
     """The catalog shipped in the package (parsed once per process)."""
     text = resources.files("migcore").joinpath("data/catalog.yaml").read_text(encoding="utf-8")
-    return catalog_from_data(yaml.safe_load(text))
+    loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return catalog_from_data(yaml.load(text, Loader=loader))  # noqa: S506 - a safe loader (libyaml when present)

@@ -40,7 +40,9 @@ class _PendingGi:
             mask = ((1 << ci.slices) - 1) << start
             if not self.used & mask:
                 self.used |= mask
-                self.compute.append(ComputeInstanceSpec(str(ci.name), start))
+                # Named as mig-parted reads it back: the GI's attributes kept (`1g.5gb+me`).
+                name = self.profile.name.with_compute_slices(ci.slices)
+                self.compute.append(ComputeInstanceSpec(str(name), start))
                 return True
         return False
 
@@ -130,13 +132,13 @@ def _search(gis: list[_PendingGi], grid: int) -> list[int] | None:
     )
     profiles = [gis[i].profile for i in order]
     starts: list[int] = [0] * len(order)
-    dead: set[tuple[int, int]] = set()
+    dead: set[tuple[int, int, int]] = set()
     full = (1 << grid) - 1
 
     def place(k: int, occupied: int, min_start: int) -> bool:
         if k == len(profiles):
             return True
-        if (k, occupied) in dead:
+        if (k, occupied, min_start) in dead:
             return False
         profile = profiles[k]
         mask0 = (1 << profile.placement_size) - 1
@@ -150,7 +152,7 @@ def _search(gis: list[_PendingGi], grid: int) -> list[int] | None:
             same_next = k + 1 < len(profiles) and profiles[k + 1] is profile
             if place(k + 1, occupied | mask, start + 1 if same_next else 0):
                 return True
-        dead.add((k, occupied))
+        dead.add((k, occupied, min_start))
         return False
 
     if not place(0, 0, 0):
