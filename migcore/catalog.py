@@ -174,7 +174,8 @@ def normalise_product_label(label: str) -> str:
     mig = value.find("-MIG-")
     if mig > 0:
         value = value[:mig]
-    value = value.removeprefix("NVIDIA-")
+    if value[:7].upper() == "NVIDIA-":
+        value = value[7:]
     return value.casefold()
 
 

@@ -117,7 +117,7 @@ def _memory_reason(product: Product, gis: list[_PendingGi]) -> str | None:
     for gi in gis:
         if used + gi.profile.placement_size > grid:
             so_far = _describe(_counts(placed))
-            verb = "uses" if len(placed) == 1 else "use"
+            verb = "uses" if len(_counts(placed)) == 1 else "use"
             amount = f"all {grid}" if used == grid else f"{used} of {grid}"
             return f"{so_far} {verb} {amount} memory slices; no room for {gi.profile.name}"
         used += gi.profile.placement_size
