@@ -1,0 +1,129 @@
+"""Which pods on this node use which GPU or MIG device.
+
+The kubelet's PodResources API (v1 `List`, gRPC on a unix socket) says which device ids each
+container got; device ids are GPU or MIG UUIDs, which `GpuAccess.device_ids` maps to a GPU index
+and GPU-instance start. So only pods on instances that a plan destroys need to move. Without the
+socket we cannot tell, and every pod on the node that requests a GPU resource counts as
+affected (the conservative answer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from kubernetes import client as k8s
+
+from migcore.planning import DevicePlacement
+from reconciler.podresources import api_pb2, api_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+GPU_RESOURCE = "nvidia.com/gpu"
+MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True, order=True)
+class PodRef:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class PodDevices:
+    """GPU resource name -> device ids, for one pod (all containers)."""
+
+    pod: PodRef
+    devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def is_gpu_resource(name: str) -> bool:
+    return name == GPU_RESOURCE or name.startswith(MIG_RESOURCE_PREFIX)
+
+
+def list_pod_devices(socket_path: str, timeout: float = 10.0) -> list[PodDevices]:
+    """Call PodResources v1 `List` on the kubelet socket; keep only GPU resources."""
+    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+        stub = api_pb2_grpc.PodResourcesListerStub(channel)
+        response = stub.List(api_pb2.ListPodResourcesRequest(), timeout=timeout)
+    out: list[PodDevices] = []
+    for pod in response.pod_resources:
+        devices: dict[str, list[str]] = {}
+        for container in pod.containers:
+            for dev in container.devices:
+                if is_gpu_resource(dev.resource_name):
+                    devices.setdefault(dev.resource_name, []).extend(dev.device_ids)
+        if devices:
+            out.append(PodDevices(PodRef(pod.namespace, pod.name), {k: tuple(v) for k, v in devices.items()}))
+    return out
+
+
+def requests_gpu(pod: Any) -> bool:
+    """True when any container (or init container) requests or limits a GPU/MIG resource."""
+    spec = pod.spec
+    for container in [*(spec.containers or []), *(spec.init_containers or [])]:
+        resources = container.resources
+        if resources is None:
+            continue
+        for amounts in (resources.requests or {}, resources.limits or {}):
+            if any(is_gpu_resource(name) for name in amounts):
+                return True
+    return False
+
+
+@dataclass
+class WorkloadFinder:
+    """Finds the pods on this node and where on the GPUs they run."""
+
+    api: Any
+    node_name: str
+    socket_path: str = DEFAULT_SOCKET
+    timeout: float = 10.0
+
+    def _live_pods(self) -> dict[PodRef, Any]:
+        core: Any = k8s.CoreV1Api(self.api)
+        pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={self.node_name}").items
+        return {
+            PodRef(p.metadata.namespace, p.metadata.name): p
+            for p in pods
+            if (p.status is None or p.status.phase not in TERMINAL_PHASES)
+        }
+
+    def placements(
+        self, device_ids: Mapping[int, Mapping[str, int | None]]
+    ) -> tuple[dict[PodRef, list[DevicePlacement]], str]:
+        """Each GPU-using pod -> [(GPU index, GI start or None = whole GPU / unknown)], and the source.
+
+        `device_ids`: per GPU index, UUID -> GI start (None for the GPU's own UUID). A device id
+        that matches no known UUID lands on every GPU with a None start, so it always counts as
+        affected: better to move a pod than to pull a GPU from under it.
+        """
+        live = self._live_pods()
+        where_is: dict[str, DevicePlacement] = {}
+        for gpu, ids in device_ids.items():
+            for uuid, gi_start in ids.items():
+                where_is[uuid] = (gpu, gi_start)
+        every_gpu: list[DevicePlacement] = [(gpu, None) for gpu in sorted(device_ids)]
+        if not os.path.exists(self.socket_path):
+            log.info("no PodResources socket at %s: every GPU pod on the node counts", self.socket_path)
+            return {ref: every_gpu for ref, pod in live.items() if requests_gpu(pod)}, "pod-spec"
+        out: dict[PodRef, list[DevicePlacement]] = {}
+        for entry in list_pod_devices(self.socket_path, self.timeout):
+            if entry.pod not in live:
+                continue  # already gone, or not bound here any more
+            spots: list[DevicePlacement] = []
+            for assigned in entry.devices.values():
+                for device in assigned:
+                    found = where_is.get(device)
+                    spots.extend([found] if found is not None else every_gpu)
+            out[entry.pod] = spots
+        return out, "podresources"

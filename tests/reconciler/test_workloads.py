@@ -1,0 +1,87 @@
+"""Mapping pods to GPUs: the real gRPC PodResources client against a PodResources server on a unix
+socket (there is no kubelet here: the nodes are plain API objects), pods on the real API server."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s
+
+from devcluster.helpers import create_gpu_node, ensure_namespace
+from reconciler.podresources.server import PodResourcesServer
+from reconciler.workloads import PodRef, WorkloadFinder, list_pod_devices
+
+GPU0 = "GPU-00000000-0000-0000-0000-000000000000"
+GPU1 = "GPU-11111111-1111-1111-1111-111111111111"
+MIG_1_AT_0 = "MIG-aaaaaaaa-0000-0000-0000-000000000001"
+MIG_1_AT_4 = "MIG-aaaaaaaa-0000-0000-0000-000000000002"
+DEVICE_IDS = {0: {GPU0: None}, 1: {GPU1: None, MIG_1_AT_0: 0, MIG_1_AT_4: 4}}
+
+
+def _pod(core: Any, namespace: str, name: str, node: str, resources: dict[str, str] | None) -> None:
+    container: dict[str, Any] = {"name": "main", "image": "busybox"}
+    if resources:
+        container["resources"] = {"limits": resources, "requests": resources}
+    core.create_namespaced_pod(
+        namespace, {"metadata": {"name": name}, "spec": {"nodeName": node, "containers": [container]}}
+    )
+
+
+def _setup(k8s_api: Any) -> tuple[str, str]:
+    node = f"wl-{uuid.uuid4().hex[:6]}"
+    namespace = f"wl-{uuid.uuid4().hex[:6]}"
+    create_gpu_node(k8s_api, node, fake=False, extended_resources={"nvidia.com/mig-1g.5gb": "7"})
+    ensure_namespace(k8s_api, namespace)
+    core = k8s.CoreV1Api(k8s_api)
+    _pod(core, namespace, "whole", node, {"nvidia.com/gpu": "1"})
+    _pod(core, namespace, "mig-a", node, {"nvidia.com/mig-1g.5gb": "1"})
+    _pod(core, namespace, "mig-b", node, {"nvidia.com/mig-1g.5gb": "1"})
+    _pod(core, namespace, "cpu-only", node, None)
+    return node, namespace
+
+
+def test_podresources_maps_device_ids_to_gpu_instances(k8s_api: Any, tmp_path: Path) -> None:
+    node, ns = _setup(k8s_api)
+    socket = str(tmp_path / "kubelet.sock")
+    server = PodResourcesServer(
+        socket,
+        {
+            (ns, "whole"): [("nvidia.com/gpu", [GPU0])],
+            (ns, "mig-a"): [("nvidia.com/mig-1g.5gb", [MIG_1_AT_0])],
+            (ns, "mig-b"): [("nvidia.com/mig-1g.5gb", [MIG_1_AT_4]), ("example.com/nic", ["eth1"])],
+            (ns, "gone-already"): [("nvidia.com/gpu", [GPU1])],
+        },
+    ).start()
+    try:
+        listed = {p.pod.name: p.devices for p in list_pod_devices(socket)}
+        assert listed["mig-b"] == {"nvidia.com/mig-1g.5gb": (MIG_1_AT_4,)}  # non-GPU resources dropped
+        placements, source = WorkloadFinder(k8s_api, node, socket).placements(DEVICE_IDS)
+    finally:
+        server.stop()
+    assert source == "podresources"
+    assert placements == {
+        PodRef(ns, "whole"): [(0, None)],
+        PodRef(ns, "mig-a"): [(1, 0)],
+        PodRef(ns, "mig-b"): [(1, 4)],
+    }  # the pod the API server does not know is ignored
+
+
+def test_unknown_device_id_counts_on_every_gpu(k8s_api: Any, tmp_path: Path) -> None:
+    node, ns = _setup(k8s_api)
+    socket = str(tmp_path / "kubelet.sock")
+    server = PodResourcesServer(socket, {(ns, "mig-a"): [("nvidia.com/mig-1g.5gb", ["MIG-unknown"])]}).start()
+    try:
+        placements, _ = WorkloadFinder(k8s_api, node, socket).placements(DEVICE_IDS)
+    finally:
+        server.stop()
+    assert placements == {PodRef(ns, "mig-a"): [(0, None), (1, None)]}
+
+
+def test_without_the_socket_every_gpu_pod_on_the_node_counts(k8s_api: Any, tmp_path: Path) -> None:
+    node, ns = _setup(k8s_api)
+    placements, source = WorkloadFinder(k8s_api, node, str(tmp_path / "missing.sock")).placements(DEVICE_IDS)
+    assert source == "pod-spec"
+    assert sorted(placements) == [PodRef(ns, "mig-a"), PodRef(ns, "mig-b"), PodRef(ns, "whole")]
+    assert all(spots == [(0, None), (1, None)] for spots in placements.values())
