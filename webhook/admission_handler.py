@@ -1,0 +1,68 @@
+"""Turns an AdmissionReview request into a Verdict: routes Nodes to the rules and the mutation,
+the watched ConfigMap to the guard, and lets anything else through."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from webhook.configmap_guard import ConfigMapGuard
+from webhook.mutation import HoldMode, mutation_patch
+from webhook.node_view import NodeView
+from webhook.review import AdmissionRequest, ReviewError
+from webhook.validation import ConfigView, NodeChange, NodeRules
+from webhook.verdict import Verdict
+
+JUDGED_OPERATIONS = ("CREATE", "UPDATE")
+
+
+def rfc3339_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _is_core(request: AdmissionRequest, kind: str) -> bool:
+    return request.kind == kind and request.group == ""
+
+
+def node_change(request: AdmissionRequest) -> NodeChange:
+    """Old and new Node of a CREATE/UPDATE (a missing object is a malformed review)."""
+    if request.object is None:
+        raise ReviewError(f"request.object is required for {request.operation} of a Node")
+    if request.operation == "UPDATE" and request.old_object is None:
+        raise ReviewError("request.oldObject is required for UPDATE of a Node")
+    return NodeChange(NodeView.of(request.old_object, "oldObject"), NodeView.of(request.object, "object"))
+
+
+class AdmissionHandler:
+    """The decisions behind /validate and /mutate. No I/O except the guard's node listing."""
+
+    def __init__(
+        self,
+        rules: NodeRules,
+        hold: HoldMode,
+        guard: ConfigMapGuard | None,
+        clock: Callable[[], str] = rfc3339_now,
+    ) -> None:
+        self._rules = rules
+        self._hold = hold
+        self._guard = guard
+        self._clock = clock
+
+    def validate(self, request: AdmissionRequest, config: ConfigView) -> tuple[Verdict, str]:
+        """The verdict and the object's name (for logs)."""
+        if _is_core(request, "Node") and request.operation in JUDGED_OPERATIONS:
+            change = node_change(request)
+            return self._rules.judge(change, request.username, config), change.node_name
+        if _is_core(request, "ConfigMap") and self._guard is not None:
+            return self._guard.judge(request), f"{request.namespace}/{request.name}"
+        return Verdict.allow(), request.name
+
+    def mutate(self, request: AdmissionRequest, config: ConfigView) -> tuple[Verdict, str]:
+        """A patch for an accepted change of the layout; no patch otherwise (never a denial)."""
+        if not (_is_core(request, "Node") and request.operation in JUDGED_OPERATIONS):
+            return Verdict.allow(), request.name
+        change = node_change(request)
+        if not change.config_changed or not self._rules.judge(change, request.username, config).allowed:
+            return Verdict.allow(), change.node_name
+        patch = mutation_patch(change, self._hold, request.operation == "CREATE", self._clock())
+        return Verdict.allow(patch=patch), change.node_name

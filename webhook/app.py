@@ -1,0 +1,207 @@
+"""The Flask app: one Blueprint per endpoint family (admission, health, metrics).
+
+`create_app` runs in each gunicorn worker (the app is not preloaded), so the config source's
+watch thread and the Kubernetes client are created after the fork, one per worker: each
+worker has its own parsed cache and never makes an API call per admission request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, request
+from werkzeug.exceptions import HTTPException
+
+from migcore.catalog import load_catalog
+from webhook.admission_handler import AdmissionHandler
+from webhook.config_source import ConfigMapConfigSource, ConfigSource, FileConfigSource
+from webhook.configmap_guard import ApiNodeLister, ConfigMapGuard
+from webhook.kube_api import core_v1
+from webhook.metrics import WebhookMetrics
+from webhook.node_hardware import HardwareResolver
+from webhook.review import ReviewError, decode_json, parse_review
+from webhook.settings import WebhookSettings
+from webhook.validation import NodeRules
+
+log = logging.getLogger("mig_guard.webhook.admission")
+
+JSON = "application/json"
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class WebhookState:
+    """What the endpoints share inside one worker."""
+
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        metrics: WebhookMetrics,
+        source: ConfigSource | None,
+        handler: AdmissionHandler | None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.source = source
+        self.handler = handler
+
+
+def _state() -> WebhookState:
+    state: WebhookState = current_app.extensions["mig_guard"]
+    return state
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status=status, mimetype=JSON)
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message, "code": status}, status)
+
+
+admission = Blueprint("admission", __name__)
+
+
+def _answer(endpoint: str) -> Response:
+    state = _state()
+    started = time.perf_counter()
+    try:
+        review = parse_review(request.get_data(cache=False))
+    except ReviewError as exc:
+        state.metrics.requests.labels(endpoint, "malformed").inc()
+        log.info("malformed admission review", extra={"fields": {"endpoint": endpoint, "error": str(exc)}})
+        return _error(400, f"malformed AdmissionReview: {exc}")
+    view = state.source.cache.state.view if state.source else None
+    if view is None or state.handler is None:
+        state.metrics.requests.labels(endpoint, "unready").inc()
+        return _error(503, "no mig-parted config loaded yet: see /readyz")
+    decide = state.handler.validate if endpoint == "validate" else state.handler.mutate
+    try:
+        verdict, name = decide(review, view)
+    except ReviewError as exc:
+        state.metrics.requests.labels(endpoint, "malformed").inc()
+        return _error(400, f"malformed AdmissionReview: {exc}")
+    answer = verdict.to_review(review.uid)
+    state.metrics.requests.labels(endpoint, verdict.label).inc()
+    state.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+    fields: dict[str, Any] = {
+        "endpoint": endpoint,
+        "uid": review.uid,
+        "kind": review.kind,
+        "name": name,
+        "operation": review.operation,
+        "user": review.username,
+        "dryRun": review.dry_run,
+        "verdict": verdict.label,
+    }
+    if not verdict.allowed:
+        fields["code"] = verdict.code
+        fields["message"] = answer["response"].get("status", {}).get("message", "")
+    log.info("admission", extra={"fields": fields})
+    return _json(answer)
+
+
+@admission.post("/validate")
+def validate() -> Response:
+    return _answer("validate")
+
+
+@admission.post("/mutate")
+def mutate() -> Response:
+    return _answer("mutate")
+
+
+floor = Blueprint("floor", __name__)
+
+
+def _allow_all() -> Response:
+    """The benchmark floor: same server, same JSON decode, no judgement."""
+    try:
+        body = decode_json(request.get_data(cache=False))
+        uid = body["request"]["uid"]
+    except (ReviewError, KeyError, TypeError) as exc:
+        return _error(400, f"malformed AdmissionReview: {exc}")
+    return _json(
+        {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "response": {"uid": uid, "allowed": True},
+        }
+    )
+
+
+floor.add_url_rule("/validate", "validate", _allow_all, methods=["POST"])
+floor.add_url_rule("/mutate", "mutate", _allow_all, methods=["POST"])
+
+
+health = Blueprint("health", __name__)
+
+
+@health.get("/healthz")
+def healthz() -> Response:
+    """The process answers: nothing more is checked (a restart would not fix a missing config)."""
+    return Response("ok\n", mimetype="text/plain")
+
+
+@health.get("/readyz")
+def readyz() -> Response:
+    state = _state()
+    if state.settings.floor:
+        return Response("ready (floor mode)\n", mimetype="text/plain")
+    source_state = state.source.cache.state if state.source else None
+    if source_state is None or source_state.view is None:
+        reason = source_state.problem if source_state else "no config source"
+        return Response(f"not ready: {reason}\n", status=503, mimetype="text/plain")
+    text = f"ready: {len(source_state.view.config.configs)} configs from {source_state.view.origin}\n"
+    if source_state.last_good_in_use:
+        text += f"warning: last good version in use: {source_state.problem}\n"
+    return Response(text, mimetype="text/plain")
+
+
+metrics_bp = Blueprint("metrics", __name__)
+
+
+@metrics_bp.get("/metrics")
+def metrics() -> Response:
+    return Response(_state().metrics.exposition(), mimetype=PROMETHEUS_TEXT)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    code = exc.code or 500
+    if code == 413:
+        return _error(413, f"request body larger than {_state().settings.max_body_bytes} bytes")
+    return _error(code, exc.description or exc.name)
+
+
+def build_state(settings: WebhookSettings, metrics: WebhookMetrics) -> WebhookState:
+    """Config source, rules, guard and handler for these settings (starts the source's thread)."""
+    if settings.floor:
+        return WebhookState(settings, metrics, None, None)
+    catalog = load_catalog()
+    hardware = HardwareResolver(catalog)
+    source: ConfigSource
+    guard = None
+    if settings.mig_config_file is not None:
+        source = FileConfigSource(settings.mig_config_file, metrics)
+    else:
+        core = core_v1(settings.kubeconfig)
+        source = ConfigMapConfigSource(core, settings.configmap, metrics)
+        guard = ConfigMapGuard(settings.configmap, ApiNodeLister(core), hardware, settings.configmap_guard)
+    metrics.track_config_age(lambda: source.cache.state.loaded_at)
+    source.start()
+    rules = NodeRules(hardware, settings.reconciler_users)
+    return WebhookState(settings, metrics, source, AdmissionHandler(rules, settings.hold, guard))
+
+
+def create_app(settings: WebhookSettings, state: WebhookState | None = None) -> Flask:
+    """The WSGI app for one worker (or for a test client, with a prepared `state`)."""
+    app = Flask("mig_guard.webhook")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["mig_guard"] = state or build_state(settings, WebhookMetrics())
+    app.register_blueprint(floor if settings.floor else admission)
+    app.register_blueprint(health)
+    app.register_blueprint(metrics_bp)
+    app.register_error_handler(HTTPException, _http_error)
+    return app

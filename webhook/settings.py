@@ -1,0 +1,36 @@
+"""The webhook's settings: what `mig-guard webhook` parsed, passed to gunicorn and the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from webhook.config_source import DEFAULT_CONFIGMAP_NAME, DEFAULT_CONFIGMAP_NAMESPACE, ConfigMapRef
+from webhook.configmap_guard import GuardMode
+from webhook.mutation import HoldMode
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    host: str
+    port: int
+    cert_file: Path
+    key_file: Path
+    mig_config_file: Path | None = None
+    configmap: ConfigMapRef = field(
+        default_factory=lambda: ConfigMapRef(DEFAULT_CONFIGMAP_NAMESPACE, DEFAULT_CONFIGMAP_NAME)
+    )
+    reconciler_users: tuple[str, ...] = ()
+    kubeconfig: Path | None = None
+    hold: HoldMode = HoldMode.TAINT
+    configmap_guard: GuardMode = GuardMode.DENY
+    workers: int = 2
+    threads: int = 4
+    keepalive: int = 75
+    timeout: int = 30
+    max_body_bytes: int = MAX_BODY_BYTES
+    log_level: str = "info"
+    # Benchmark floor: answer every admission request "allowed" without looking at it.
+    floor: bool = False

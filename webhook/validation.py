@@ -1,0 +1,136 @@
+"""The Node rules: is this change of a Node allowed?
+
+1. A new or changed `nvidia.com/mig.config` must name a config of the mig-parted config;
+2. it must fit the node's GPUs (hardware report, else GPU Feature Discovery labels);
+3. with no way to tell the hardware it is allowed, with a warning;
+4. removing the label is allowed;
+5. protected keys (`keys.is_protected_key`) change only by the reconciler's identities,
+   except exactly what the mutating webhook sets for an accepted change in the same request;
+6. anything else is allowed.
+Pure: no I/O, no side effects (dry-run requests get the same verdict and store nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from migcore import keys
+from migcore.check import check_config, closest_names, valid_config_names
+from migcore.config import MigPartedConfig
+from webhook.hold_record import BY_WEBHOOK, HoldRecord, pending_reason
+from webhook.node_hardware import HardwareResolver
+from webhook.node_view import NodeView, changed_protected_keys
+from webhook.verdict import CODE_FORBIDDEN, CODE_INVALID, Verdict, shorten
+
+NAME_SHOWN_CHARS = 80
+VALID_SHOWN = 6
+
+
+@dataclass(frozen=True)
+class ConfigView:
+    """The mig-parted config in use and where it came from (named in denials)."""
+
+    config: MigPartedConfig
+    origin: str
+
+
+@dataclass(frozen=True)
+class NodeChange:
+    """Old and new Node of one request (old is empty on CREATE)."""
+
+    old: NodeView
+    new: NodeView
+
+    @property
+    def config_changed(self) -> bool:
+        """True when the desired layout is set to a new non-empty value (the case that needs a check)."""
+        return bool(self.new.mig_config) and self.new.mig_config != self.old.mig_config
+
+    @property
+    def node_name(self) -> str:
+        return self.new.name or self.old.name
+
+
+def _quoted(name: str) -> str:
+    return f'"{shorten(name, NAME_SHOWN_CHARS)}"'
+
+
+class NodeRules:
+    """Judges Node CREATE/UPDATE requests against the config in use."""
+
+    def __init__(self, hardware: HardwareResolver, reconciler_users: Collection[str]) -> None:
+        self._hardware = hardware
+        self._reconciler_users = frozenset(reconciler_users)
+
+    @staticmethod
+    def _valid_text(valid: list[str], intro: str) -> str:
+        if not valid:
+            return ""
+        more = f" and {len(valid) - VALID_SHOWN} more" if len(valid) > VALID_SHOWN else ""
+        return f"{intro}: {', '.join(valid[:VALID_SHOWN])}{more}"
+
+    def config_verdict(self, change: NodeChange, config: ConfigView) -> Verdict:
+        """Rules 1 to 4: the verdict on the `nvidia.com/mig.config` value alone."""
+        if not change.config_changed:
+            return Verdict.allow()
+        name = change.new.mig_config
+        label = f"{keys.LABEL_MIG_CONFIG}={_quoted(name)}"
+        finding = self._hardware.find(change.new)
+        if name not in config.config.configs:
+            text = f"{label} is not a config in {config.origin}"
+            close = closest_names(name, config.config.names())
+            if close:
+                text += f"; did you mean {', '.join(close)}?"
+            if finding.hardware is not None:
+                valid = [n for n in valid_config_names(config.config, finding.hardware) if n not in close]
+                text += self._valid_text(valid, f" Valid for node {change.node_name} ({finding.source})")
+            return Verdict.deny(CODE_INVALID, text)
+        if finding.hardware is None:
+            return Verdict.allow(warnings=finding.warnings)
+        result = check_config(config.config, name, finding.hardware)
+        if not result.valid:
+            message = f"{label} does not fit node {change.node_name} ({finding.source}): {'; '.join(result.errors)}."
+            message += self._valid_text(
+                valid_config_names(config.config, finding.hardware), " Valid for this node"
+            )
+            return Verdict.deny(CODE_INVALID, message, warnings=finding.warnings)
+        return Verdict.allow(warnings=(*finding.warnings, *result.warnings))
+
+    def spoofed_keys(self, change: NodeChange, username: str, config_accepted: bool) -> list[str]:
+        """Rule 5: protected keys this user changed and may not (empty when all is fine)."""
+        changes = changed_protected_keys(change.old, change.new)
+        if not changes or username in self._reconciler_users:
+            return []
+        name = change.new.mig_config
+        allowed: dict[str, str] = {}
+        if config_accepted and change.config_changed:
+            # What the mutating webhook sets for this very change (it runs before validation).
+            allowed = {
+                f"label:{keys.LABEL_MIG_STATE}": keys.STATE_PENDING,
+                f"annotation:{keys.ANNOTATION_REASON}": pending_reason(name),
+            }
+        spoofed: list[str] = []
+        for key, value in changes.items():
+            if key == f"annotation:{keys.ANNOTATION_HOLD}" and config_accepted and change.config_changed:
+                hold = HoldRecord.from_annotation(value)
+                if hold is not None and hold.config == name and hold.by == BY_WEBHOOK:
+                    continue
+            if value is not None and allowed.get(key) == value:
+                continue
+            spoofed.append(key.split(":", 1)[1])
+        return sorted(spoofed)
+
+    def judge(self, change: NodeChange, username: str, config: ConfigView) -> Verdict:
+        """The verdict on a Node CREATE or UPDATE."""
+        verdict = self.config_verdict(change, config)
+        spoofed = self.spoofed_keys(change, username, verdict.allowed)
+        if spoofed:
+            who = shorten(username or "an anonymous user", NAME_SHOWN_CHARS)
+            return Verdict.deny(
+                CODE_FORBIDDEN,
+                f"{who} may not change {', '.join(spoofed)} on node {change.node_name}: only the mig-guard "
+                "reconciler sets these (they report the state of the GPUs). Change "
+                f"{keys.LABEL_MIG_CONFIG} instead, and let the reconciler report progress.",
+            )
+        return verdict
