@@ -36,6 +36,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from devcluster import versions
 
@@ -45,7 +46,7 @@ STAMP = ".complete.json"
 
 HOW_TO_GET = (
     "Build them with `make binaries` (= `python -m devcluster.binaries ensure`; needs Go >= 1.25 and npm, "
-    "20-40 min cold on 2 cores, cached afterwards), or point KUBEBUILDER_ASSETS at a directory that holds "
+    "about 6-10 min cold on 2 cores, cached afterwards), or point KUBEBUILDER_ASSETS at a directory that holds "
     "them, or MIG_GUARD_BIN_DIR at a directory built earlier."
 )
 
@@ -90,8 +91,16 @@ def _from_assets(name: str) -> Path | None:
     return None
 
 
+def _stamp_versions(directory: Path) -> Any:
+    try:
+        return json.loads((directory / STAMP).read_text()).get("versions")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def stamp_ok(directory: Path | None = None) -> bool:
-    return ((directory or bin_dir()) / STAMP).is_file()
+    """True if the directory holds a complete build of the pinned versions."""
+    return bool(_stamp_versions(directory or bin_dir()) == versions.ALL)
 
 
 def find_binary(name: str) -> Path:
@@ -103,7 +112,9 @@ def find_binary(name: str) -> Path:
     candidate = directory / name
     if stamp_ok(directory) and _executable(candidate):
         return candidate
-    where = [f"{directory} ({'complete' if stamp_ok(directory) else 'not built / incomplete'})"]
+    where = [
+        f"{directory} ({'complete' if stamp_ok(directory) else 'not built, incomplete or other versions'})"
+    ]
     if assets_dir() is not None:
         where.insert(0, f"KUBEBUILDER_ASSETS={assets_dir()}")
     raise BinariesMissingError(f"{name} not found in {' nor in '.join(where)}. {HOW_TO_GET}")
@@ -348,6 +359,10 @@ def ensure(force: bool = False) -> BuildReport:
             report.reused = needed
             report.total_seconds = time.monotonic() - t0
             return report
+        if (out / STAMP).exists():  # a complete build of other versions (MIG_GUARD_BIN_DIR reused)
+            print(f"  {out} holds binaries of other versions: rebuilding", flush=True)
+            for name in needed:
+                (out / name).unlink(missing_ok=True)
         (out / STAMP).unlink(missing_ok=True)
         # Binaries already in the directory were moved there only after a successful build
         # (they are written as *.partial first), so an interrupted run resumes where it stopped.

@@ -35,6 +35,12 @@ _plane_key = pytest.StashKey[ControlPlane]()
 CLUSTER_FIXTURES = {"control_plane", "k8s_api", "kubeconfig", "workload_plane", "kubectl"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Also declared in pyproject.toml; repeated here so the plugin works in any project.
+    config.addinivalue_line("markers", "cluster: needs the local control plane (kube-apiserver + etcd)")
+    config.addinivalue_line("markers", "workloads: needs controller-manager, scheduler and kwok as well")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
@@ -57,14 +63,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.sections.append(("devcluster logs (tails)", plane.log_tails(lines=25)))
 
 
+def _require(names: Sequence[str]) -> None:
+    """Fail (not skip) with the how-to-get-them message when a binary is missing."""
+    message = None
+    try:
+        binaries.find_all(names)
+    except binaries.BinariesMissingError as exc:
+        message = str(exc)
+    if message is not None:
+        pytest.fail(message, pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def control_plane(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Generator[ControlPlane]:
-    try:
-        binaries.find_all(("etcd", "kube-apiserver", "kube-controller-manager"))
-    except binaries.BinariesMissingError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    _require(("etcd", "kube-apiserver", "kube-controller-manager"))
     workdir = tmp_path_factory.mktemp("devcluster")
     plane = ControlPlane(workdir=workdir)
     request.config.stash[_plane_key] = plane
@@ -81,10 +95,7 @@ def control_plane(
 
 @pytest.fixture(scope="session")
 def workload_plane(control_plane: ControlPlane) -> ControlPlane:
-    try:
-        binaries.find_all(("kube-scheduler", "kwok"))
-    except binaries.BinariesMissingError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    _require(("kube-scheduler", "kwok"))
     control_plane.start_workloads()
     return control_plane
 
@@ -101,10 +112,8 @@ def kubeconfig(control_plane: ControlPlane) -> Path:
 
 @pytest.fixture(scope="session")
 def kubectl_binary() -> Path:
-    try:
-        return binaries.find_binary("kubectl")
-    except binaries.BinariesMissingError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    _require(("kubectl",))
+    return binaries.find_binary("kubectl")
 
 
 @pytest.fixture

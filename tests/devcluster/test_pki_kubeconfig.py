@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 import os
 import signal
 import ssl
@@ -158,7 +159,10 @@ def test_bin_dir_env_and_missing_message(tmp_path: Path, monkeypatch: pytest.Mon
     fake.chmod(0o755)
     with pytest.raises(binaries.BinariesMissingError):
         binaries.find_binary("etcd")
-    (tmp_path / "bins" / binaries.STAMP).write_text("{}")
+    (tmp_path / "bins" / binaries.STAMP).write_text(json.dumps({"versions": {"kubernetes": "v1.0.0"}}))
+    with pytest.raises(binaries.BinariesMissingError):  # a stamp of other versions does not count either
+        binaries.find_binary("etcd")
+    (tmp_path / "bins" / binaries.STAMP).write_text(json.dumps({"versions": versions.ALL}))
     assert binaries.find_binary("etcd") == fake
     # ... and KUBEBUILDER_ASSETS wins over the cache.
     assets = tmp_path / "assets"

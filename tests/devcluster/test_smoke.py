@@ -3,6 +3,7 @@ webhook calls over TLS, real RBAC, real controllers/scheduler with kwok nodes.""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -146,7 +147,7 @@ def test_user_client_certificate(control_plane: ControlPlane, kubectl: KubectlRu
     with pytest.raises(ApiException) as exc:
         k8s.CoreV1Api(alice).list_node()
     assert exc.value.status == 403
-    assert 'User "alice"' in exc.value.body
+    assert 'User "alice"' in json.loads(exc.value.body)["message"]
     path = control_plane.write_user_kubeconfig("alice", ["mig-guard:testers"])
     proc = kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.groups}", kubeconfig_path=path)
     assert proc.returncode == 0, proc.stderr
