@@ -228,6 +228,10 @@ class _EntryParser:
     def _filters(self, value: Any, where: str) -> tuple[DeviceFilter, ...]:
         if value is None:
             return ()
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML reads an unquoted 0x20B010DE as a number.
+            self.errors.append(f'{where}: {value} is a number; quote the PCI id: "0x{value:08X}"')
+            return ()
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list):
             self.errors.append(f"{where}: expected a PCI device id or a list of them")

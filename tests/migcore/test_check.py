@@ -1,0 +1,307 @@
+"""Checking a named config for a node: entry selection, per-GPU verdicts, messages admins read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from migcore.catalog import Catalog, Product, UnknownProductError, load_catalog, sanitise_product_name
+from migcore.check import (
+    NodeHardware,
+    check_config,
+    clear_check_cache,
+    closest_names,
+    hardware_from_labels,
+    hardware_from_report,
+    valid_config_names,
+)
+from migcore.config import ConfigEntry, MigPartedConfig, load_config_file, parse_config
+from migcore.hardware import DiscoveredGpu, NodeGpus
+
+CATALOG: Catalog = load_catalog()
+DEFAULT = load_config_file(Path(__file__).parents[1] / "data" / "default-mig-parted-config.yaml")
+A100 = "NVIDIA-A100-SXM4-40GB"
+
+
+def _label(product: Product) -> str:
+    return product.gfd_labels[0] if product.gfd_labels else sanitise_product_name(product.nvml_names[0])
+
+
+def _config(body: str) -> MigPartedConfig:
+    return parse_config("version: v1\nmig-configs:\n" + body)
+
+
+def _expected_verdict(entries: tuple[ConfigEntry, ...], product: Product) -> str:
+    """Independent of the checker: which entry targets the product (by the catalog's PCI ids),
+    and whether its profiles exist there within their max counts (the default file's mixed
+    layouts are the published all-balanced ones, which fit wherever the counts do)."""
+    applicable = [
+        e
+        for e in entries
+        if not e.device_filters or any(f.device_id in product.pci_device_ids for f in e.device_filters)
+    ]
+    if not applicable:
+        return "would silently do nothing"
+    entry = applicable[-1]
+    if not entry.mig_enabled:
+        return "valid"
+    for profile, count in entry.mig_devices:
+        gi = product.gpu_instance_profile(profile)
+        if gi is None:
+            return f"does not exist on {product.key}"
+        if count > gi.max_count:
+            return f"allows at most {gi.max_count}"
+    return "valid"
+
+
+_CASES = [(name, key) for name in DEFAULT.names() for key in CATALOG.products]
+
+
+@pytest.mark.parametrize(("name", "product_key"), _CASES)
+def test_every_default_config_on_every_product(name: str, product_key: str) -> None:
+    product = CATALOG.products[product_key]
+    result = check_config(DEFAULT, name, hardware_from_labels(CATALOG, _label(product), 8))
+    expected = _expected_verdict(DEFAULT.configs[name], product)
+    if expected == "valid":
+        assert result.valid, result.errors
+        assert len(result.gpus) == 8 and all(g.geometry is not None for g in result.gpus)
+    else:
+        assert not result.valid
+        assert len(result.errors) == 1, result.errors
+        assert expected in result.errors[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "label", "valid", "text"),
+    [
+        ("all-1g.5gb", A100, True, ""),
+        ("all-1g.5gb", "NVIDIA-H100-80GB-HBM3", False, "1g.5gb does not exist on H100-80GB; it has 1g.10gb,"),
+        ("all-1g.10gb", A100, True, ""),
+        ("all-1g.10gb", "NVIDIA-H100-80GB-HBM3", True, ""),
+        ("all-balanced", "NVIDIA-A30", True, ""),
+        ("all-balanced", "NVIDIA-H20-3e", False, "would silently do nothing"),
+        ("all-disabled", "NVIDIA-RTX-PRO-4500-Blackwell", True, ""),
+        ("all-1g.24gb.me.all", "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition", True, ""),
+        ("all-3g.95gb", "NVIDIA-GB200", True, ""),  # an older name of 3g.93gb
+        ("all-7g.80gb", A100, False, "7g.80gb does not exist on A100-40GB"),
+    ],
+)
+def test_spot_checks(name: str, label: str, valid: bool, text: str) -> None:
+    result = check_config(DEFAULT, name, hardware_from_labels(CATALOG, label, 8))
+    assert result.valid is valid
+    assert text in " ".join(result.errors)
+
+
+def test_identical_gpus_give_one_grouped_message() -> None:
+    config = _config(
+        '  all-3g.20gb:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {"3g.20gb": 3}\n'
+    )
+    result = check_config(config, "all-3g.20gb", hardware_from_labels(CATALOG, A100, 8))
+    assert result.errors == (
+        'config "all-3g.20gb" on NVIDIA-A100-SXM4-40GB (GPUs 0-7): 3g.20gb x3 needs 3 GPU instances;'
+        " A100-40GB allows at most 2 of 3g.20gb",
+    )
+
+
+def test_mixed_request_names_the_request() -> None:
+    config = _config(
+        '  mix:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {"3g.20gb": 2, "1g.5gb": 1}\n'
+    )
+    (error,) = check_config(config, "mix", hardware_from_labels(CATALOG, A100, 2)).errors
+    assert error == (
+        'config "mix" on NVIDIA-A100-SXM4-40GB (GPUs 0-1): 3g.20gb x2, 1g.5gb:'
+        " 3g.20gb x2 uses all 8 memory slices; no room for 1g.5gb"
+    )
+
+
+PER_GPU = """  custom:
+    - devices: [0, 1, 2, 3]
+      mig-enabled: true
+      mig-devices: {"1g.5gb": 7}
+    - devices: [4, 5, 9]
+      mig-enabled: true
+      mig-devices: {"3g.20gb": 2}
+"""
+
+
+def test_device_index_beyond_the_gpu_count() -> None:
+    result = check_config(_config(PER_GPU), "custom", hardware_from_labels(CATALOG, A100, 8))
+    assert not result.valid
+    assert result.errors == (
+        'config "custom": mig-configs.custom[1].devices[2]: GPU 9 does not exist; this node has 8 GPUs',
+    )
+    assert 'config "custom" leaves GPUs 6-7 untouched (no entry applies to them)' in result.warnings
+
+
+def test_unknown_gpu_count_checks_every_listed_index() -> None:
+    hardware = hardware_from_labels(CATALOG, A100, None)
+    assert not hardware.gpu_count_known and len(hardware.gpus) == 1
+    result = check_config(_config(PER_GPU), "custom", hardware)
+    assert result.valid, result.errors
+    by_index = {g.index: g for g in result.gpus}
+    assert by_index[0].geometry is not None and by_index[0].geometry.summary().count("1g.5gb") == 7
+    assert by_index[9].geometry is not None and by_index[9].geometry.summary() == "3g.20gb@0, 3g.20gb@4"
+    assert by_index[6].entry is None  # stands for every unlisted GPU
+
+
+def test_last_applying_entry_wins_with_a_warning() -> None:
+    body = """  c:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"1g.5gb": 7}
+    - devices: [0]
+      mig-enabled: false
+"""
+    result = check_config(_config(body), "c", hardware_from_labels(CATALOG, A100, 2))
+    assert result.valid
+    gpu0, gpu1 = result.gpus
+    assert gpu0.entry == "mig-configs.c[1]" and gpu0.mig_enabled is False
+    assert gpu1.entry == "mig-configs.c[0]" and gpu1.mig_enabled is True
+    assert result.warnings == (
+        'config "c" on NVIDIA-A100-SXM4-40GB (GPU 0): entries [0], [1] all apply; the last one wins, as in mig-parted',
+    )
+
+
+def test_a_config_that_targets_other_gpus_does_nothing_here() -> None:
+    body = '  a30-only:\n    - devices: all\n      device-filter: "0x20B710DE"\n      mig-enabled: false\n'
+    (error,) = check_config(_config(body), "a30-only", hardware_from_labels(CATALOG, A100, 8)).errors
+    assert error == (
+        'config "a30-only" has no entry for NVIDIA-A100-SXM4-40GB x8: applying it would silently do nothing'
+        " (its entries target A30-24GB)"
+    )
+
+
+def test_label_only_filter_matching_warns_about_other_boards() -> None:
+    result = check_config(DEFAULT, "all-1g.35gb", hardware_from_labels(CATALOG, "NVIDIA-H200-NVL", 8))
+    assert result.valid
+    assert any("would not apply to a board with PCI id 0x233B10DE" in w for w in result.warnings)
+
+
+def test_subsystem_filters_are_assumed_to_match_with_a_warning() -> None:
+    body = (
+        '  c:\n    - devices: all\n      device-filter: "0x20B010DE:0x134F10DE"\n      mig-enabled: false\n'
+    )
+    result = check_config(_config(body), "c", hardware_from_labels(CATALOG, A100, 1))
+    assert result.valid
+    assert any("subsystem part of 0x20B010DE:0x134F10DE cannot be checked" in w for w in result.warnings)
+
+
+A100_DRIVER = {"1g.5gb": 7, "1g.5gb+me": 1, "2g.10gb": 3, "3g.20gb": 2, "4g.20gb": 1, "7g.40gb": 1}
+
+
+def _report(*gpus: DiscoveredGpu) -> NodeHardware:
+    return hardware_from_report(CATALOG, NodeGpus(gpus))
+
+
+def _a100(index: int, profiles: dict[str, int] | None = None) -> DiscoveredGpu:
+    return DiscoveredGpu(
+        index, 0x20B010DE, "NVIDIA A100-SXM4-40GB", True, A100_DRIVER if profiles is None else profiles
+    )
+
+
+def test_report_products_come_from_pci_ids_then_names() -> None:
+    hardware = _report(_a100(0), DiscoveredGpu(1, 0xFFFF10DE, "NVIDIA H100 80GB HBM3", True))
+    assert [g.product.key if g.product else None for g in hardware.gpus] == ["A100-40GB", "H100-80GB"]
+    assert hardware.product is None and hardware.gpu_count_known
+    same = _report(_a100(0), _a100(1))
+    assert same.product is not None and same.product.key == "A100-40GB"
+
+
+def test_the_driver_profile_list_is_enforced() -> None:
+    old_driver = _report(_a100(0), _a100(1))  # no 1g.10gb before R525
+    (error,) = check_config(DEFAULT, "all-1g.10gb", old_driver).errors
+    assert error.startswith('config "all-1g.10gb" on NVIDIA A100-SXM4-40GB (GPUs 0-1): 1g.10gb x4:')
+    assert "the driver does not offer 1g.10gb" in error
+    limited = _report(_a100(0, {**A100_DRIVER, "1g.5gb": 4}))
+    (error,) = check_config(DEFAULT, "all-1g.5gb", limited).errors
+    assert error.endswith("1g.5gb x7 needs 7 GPU instances; the driver allows at most 4")
+    assert check_config(DEFAULT, "all-3g.20gb", limited).valid
+
+
+def test_a_gpu_that_is_not_mig_capable() -> None:
+    display = DiscoveredGpu(1, 0x1FB010DE, "NVIDIA DGX Display", False)
+    hardware = _report(_a100(0), display)
+    result = check_config(DEFAULT, "all-1g.5gb", hardware)
+    assert not result.valid
+    assert any(
+        e
+        == 'config "all-1g.5gb" on NVIDIA DGX Display (GPU 1): entry [0] enables MIG, but this GPU is not MIG-capable'
+        for e in result.errors
+    )
+    balanced = check_config(DEFAULT, "all-balanced", hardware)
+    assert balanced.valid  # filtered by PCI id: the display GPU is left alone
+    assert [g.entry is None for g in balanced.gpus] == [False, True]
+    assert check_config(DEFAULT, "all-disabled", hardware).valid
+
+
+def test_an_unknown_product_is_a_warning_not_a_crash() -> None:
+    future = DiscoveredGpu(0, 0x3FFF10DE, "NVIDIA Future GPU", True, {"1g.50gb": 7})
+    result = check_config(DEFAULT, "all-1g.5gb", _report(future))
+    assert not result.valid  # the driver list says 1g.5gb is not offered
+    assert "the driver does not offer 1g.5gb" in result.errors[0]
+    unknown = DiscoveredGpu(0, 0x3FFF10DE, "NVIDIA Future GPU", True)
+    result = check_config(DEFAULT, "all-1g.5gb", _report(unknown))
+    assert result.valid
+    assert result.warnings == (
+        'config "all-1g.5gb" on NVIDIA Future GPU (GPU 0): GPU product not in the catalog'
+        " (NVIDIA Future GPU, PCI id 0x3FFF10DE); the layout is not checked",
+    )
+
+
+def test_unknown_name_suggests_names_and_valid_configs() -> None:
+    result = check_config(DEFAULT, "all-1g-5gb", hardware_from_labels(CATALOG, A100, 8))
+    (error,) = result.errors
+    assert error.startswith(
+        'config "all-1g-5gb" does not exist in the mig-parted config; did you mean all-1g.5gb'
+    )
+    assert "Valid for NVIDIA-A100-SXM4-40GB x8: all-disabled, all-enabled" in error
+
+
+def test_closest_names() -> None:
+    names = DEFAULT.names()
+    assert closest_names("all-balancd", names)[0] == "all-balanced"
+    assert closest_names("ALL-BALANCED", names)[0] == "all-balanced"
+    assert closest_names("all_1g_5gb", names)[0] == "all-1g.5gb"
+    assert closest_names("something-else-entirely", names) == []
+    assert len(closest_names("all-1g.5gb.mx", names, limit=2)) == 2
+
+
+def test_valid_config_names_for_a100() -> None:
+    assert valid_config_names(DEFAULT, hardware_from_labels(CATALOG, A100, 8)) == [
+        "all-disabled",
+        "all-enabled",
+        "all-1g.5gb",
+        "all-1g.5gb.me",
+        "all-2g.10gb",
+        "all-3g.20gb",
+        "all-4g.20gb",
+        "all-7g.40gb",
+        "all-1g.10gb",
+        "all-balanced",
+    ]
+
+
+def test_verdicts_are_memoised_per_config_name_and_hardware() -> None:
+    hardware = hardware_from_labels(CATALOG, A100, 8)
+    first = check_config(DEFAULT, "all-balanced", hardware)
+    assert check_config(DEFAULT, "all-balanced", hardware_from_labels(CATALOG, A100, 8)) is first
+    assert check_config(DEFAULT, "all-balanced", hardware_from_labels(CATALOG, A100, 4)) is not first
+    clear_check_cache()
+    again = check_config(DEFAULT, "all-balanced", hardware)
+    assert again is not first and again == first
+
+
+def test_json_carries_the_placement() -> None:
+    data = check_config(DEFAULT, "all-balanced", hardware_from_labels(CATALOG, A100, 1)).to_json()
+    assert data["name"] == "all-balanced" and data["valid"] is True
+    assert data["errors"] == [] and isinstance(data["warnings"], list)
+    (gpu,) = data["gpus"]
+    assert gpu["entry"] == "mig-configs.all-balanced[7]"
+    placed = [(gi["profile"], gi["start"]) for gi in gpu["geometry"]["gpuInstances"]]
+    assert placed == [("2g.10gb", 0), ("1g.5gb", 2), ("1g.5gb", 3), ("3g.20gb", 4)]
+
+
+def test_unknown_label() -> None:
+    with pytest.raises(UnknownProductError, match="unknown GPU product"):
+        hardware_from_labels(CATALOG, "NVIDIA-GeForce-RTX-4090", 1)
