@@ -24,7 +24,7 @@ import ssl
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -154,8 +154,8 @@ class ControlPlane:
             self.pki = ClusterPKI.create()
             self.pki.write(self.pki_dir)
             self.startup_seconds["pki"] = time.monotonic() - t0
-            self._start_etcd()
-            self._start_apiserver()
+            self._with_port_retry("etcd", self._start_etcd)
+            self._with_port_retry("kube-apiserver", self._start_apiserver)
             self._start_kcm(SA_CONTROLLERS)
             if self.want_workloads:
                 self.start_workloads()
@@ -164,6 +164,24 @@ class ControlPlane:
             raise
         self.startup_seconds["total"] = time.monotonic() - t0
         return self
+
+    def _with_port_retry(self, name: str, start: Callable[[], None], attempts: int = 3) -> None:
+        """Free ports are picked by binding port 0 and closing; another process may take one in
+        between. Retry with new ports when the component says so."""
+        for attempt in range(attempts):
+            try:
+                start()
+                return
+            except ControlPlaneError:
+                proc = self.processes.get(name)
+                if (
+                    proc is None
+                    or attempt == attempts - 1
+                    or "address already in use" not in proc.log_tail(60)
+                ):
+                    raise
+                proc.stop()
+                del self.processes[name]
 
     def _spawn(self, name: str, argv: Sequence[str]) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self.log_dir / f"{name}.log", cwd=self.workdir).start()
@@ -335,7 +353,8 @@ class ControlPlane:
                 f"--cidr={FAKE_POD_CIDR}",
                 f"--node-ip={FAKE_NODE_IP}",
                 "--node-lease-duration-seconds=40",
-                f"--server-address={LOOPBACK}:{free_port()}",
+                # No --server-address and no --node-port: kwok serves nothing (with --node-port alone
+                # it would listen on 0.0.0.0).
             ],
         )
         sched_ctx = ssl.create_default_context()

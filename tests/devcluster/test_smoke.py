@@ -4,6 +4,7 @@ webhook calls over TLS, real RBAC, real controllers/scheduler with kwok nodes.""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from kubernetes import client as k8s
 from kubernetes import watch
 from kubernetes.client.rest import ApiException
 
+from devcluster import controlplane as cp_module
 from devcluster import versions
 from devcluster.admission import AdmissionTestServer, allow, deny
 from devcluster.controlplane import ControlPlane
@@ -211,3 +213,22 @@ def test_logs_are_kept(control_plane: ControlPlane) -> None:
     tails = control_plane.log_tails(5)
     assert "kube-apiserver" in tails and "etcd" in tails
     assert Path(control_plane.processes["kube-apiserver"].log_path).stat().st_size > 0
+
+
+def test_port_collision_is_retried(control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second, independent plane; its first etcd port is taken by someone else."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = [taken.getsockname()[1]]
+    real_free_port = cp_module.free_port
+    monkeypatch.setattr(
+        cp_module, "free_port", lambda host="127.0.0.1": ports.pop() if ports else real_free_port(host)
+    )
+    try:
+        with ControlPlane(binaries=control_plane._binaries) as other:
+            assert other.etcd_port != taken.getsockname()[1]
+            assert k8s.VersionApi(other.api).get_code().git_version == versions.KUBERNETES
+            assert "address already in use" in other.processes["etcd"].log_tail(200)
+    finally:
+        taken.close()
