@@ -332,6 +332,14 @@ def _check_entry_on_gpu(report: _Report, gpu: GpuTarget, entry: ConfigEntry) -> 
         return None
     for warning in result.warnings:
         report.warning(gpu, warning)
+    for profile in requests:
+        gi = product.gpu_instance_profile(profile)
+        if gi is not None and gi.name != profile.gpu_instance:
+            report.warning(
+                gpu,
+                f"{profile} is another driver's name for {gi.name} on {product.key};"
+                " tools that match names (mig-parted, device plugin) see only one of them",
+            )
     for problem in _check_driver_profiles(gpu, result.geometry, entry):
         report.error(gpu, f"{_describe_requests(entry)}: {problem}")
     return result.geometry

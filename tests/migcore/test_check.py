@@ -93,6 +93,18 @@ def test_spot_checks(name: str, label: str, valid: bool, text: str) -> None:
     assert text in " ".join(result.errors)
 
 
+def test_a_profile_known_only_by_an_older_driver_name_is_flagged() -> None:
+    result = check_config(DEFAULT, "all-3g.95gb", hardware_from_labels(CATALOG, "NVIDIA-GB200", 4))
+    assert result.valid
+    assert any("3g.95gb is another driver's name for 3g.93gb on GB200" in w for w in result.warnings)
+    assert not any(
+        "another driver's name" in w
+        for w in check_config(
+            DEFAULT, "all-3g.93gb", hardware_from_labels(CATALOG, "NVIDIA-GB200", 4)
+        ).warnings
+    )
+
+
 def test_identical_gpus_give_one_grouped_message() -> None:
     config = _config(
         '  all-3g.20gb:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {"3g.20gb": 3}\n'
