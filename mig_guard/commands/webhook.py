@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from migcore.config import ConfigError, load_config_file
 from webhook.config_source import (
     DEFAULT_CONFIGMAP_KEY,
     DEFAULT_CONFIGMAP_NAME,
@@ -106,6 +107,17 @@ def run(args: argparse.Namespace) -> int:
     for path in (settings.cert_file, settings.key_file, settings.mig_config_file):
         if path is not None and not path.is_file():
             print(f"mig-guard webhook: {path}: no such file", file=sys.stderr)
+            return 2
+    if settings.mig_config_file is not None:
+        try:
+            load_config_file(settings.mig_config_file)
+        except ConfigError as exc:
+            print(
+                f"mig-guard webhook: {settings.mig_config_file} is not a usable mig-parted config:",
+                file=sys.stderr,
+            )
+            for error in exc.errors:
+                print(f"  {error}", file=sys.stderr)
             return 2
     from webhook.server import serve  # noqa: PLC0415 - gunicorn and Flask load only for this command
 
