@@ -1,0 +1,176 @@
+"""One reconcile at a time, in-process: the real API server, simulated GPUs (the only stand-in),
+the shipped GPU Operator config. Each test drives `Reconciler.reconcile` directly, so the
+outcome of every step is checked without waiting on the loop's timers."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devcluster.helpers import create_gpu_node
+from migcore import keys
+from migcore.geometry import GpuGeometry
+from migcore.hardware import NodeGpus
+from reconciler.config_source import FileConfigSource
+from reconciler.gpu_access import GpuAccess
+from reconciler.loop import Reconciler, Settings
+from reconciler.nvml_sim import SimulatedNvml
+from reconciler.progress import Progress
+
+A100 = "NVIDIA-A100-SXM4-40GB"
+DP = "nvidia.com/gpu.deploy.device-plugin"
+DCGM = "nvidia.com/gpu.deploy.dcgm"
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(resources.files("migcore").joinpath("data/default-mig-parted-config.yaml").read_text())
+    return path
+
+
+def _make(
+    k8s_api: Any,
+    tmp_path: Path,
+    config_file: Path,
+    gpus: int = 2,
+    faults: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> tuple[Reconciler, SimulatedNvml]:
+    name = f"loop-{uuid.uuid4().hex[:6]}"
+    create_gpu_node(k8s_api, name, A100, gpus, labels=labels, fake=False)
+    sim = SimulatedNvml([A100] * gpus, state_file=tmp_path / "gpus.json", faults=faults)
+    access = GpuAccess(sim)
+    access.start()
+    settings = Settings(node_name=name, podresources_socket=str(tmp_path / "no-kubelet.sock"))
+    return Reconciler(k8s_api, access, FileConfigSource(config_file), settings), sim
+
+
+def _label(rec: Reconciler, config: str) -> None:
+    rec.node.patch_metadata(labels={keys.LABEL_MIG_CONFIG: config})
+
+
+def _node(rec: Reconciler) -> tuple[dict[str, str], dict[str, str]]:
+    node = rec.node.read()
+    return dict(node.metadata.labels or {}), dict(node.metadata.annotations or {})
+
+
+def _no_hold(rec: Reconciler) -> bool:
+    node = rec.node.read()
+    return keys.ANNOTATION_HOLD not in (node.metadata.annotations or {}) and not any(
+        t.key == keys.TAINT_KEY for t in node.spec.taints or []
+    )
+
+
+def test_label_change_applies_and_reports_success(k8s_api: Any, tmp_path: Path, config_file: Path) -> None:
+    rec, _ = _make(k8s_api, tmp_path, config_file, labels={DP: "true", DCGM: "false"})
+    rec.publish_hardware()
+    _label(rec, "all-1g.5gb")
+    rec.reconcile("label")
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "success", annotations[keys.ANNOTATION_REASON]
+    assert annotations[keys.ANNOTATION_REASON].startswith("all-1g.5gb applied")
+    assert (labels[DP], labels[DCGM]) == ("true", "false")  # operands restored exactly
+    assert keys.ANNOTATION_PROGRESS not in annotations
+    assert _no_hold(rec)
+    report = NodeGpus.from_annotation(annotations[keys.ANNOTATION_GPUS])
+    for gpu in report.gpus:
+        assert gpu.geometry is not None and gpu.geometry.device_counts() == {"1g.5gb": 7}
+    assert rec.access.geometry(0).device_counts() == {"1g.5gb": 7}
+    cond = rec.node.condition()
+    assert (cond.status, cond.reason) == ("True", "Applied")
+
+    # Level-triggered: nothing to do now, and nothing is written.
+    version = rec.node.read().metadata.resource_version
+    rec.reconcile("resync")
+    assert rec.node.read().metadata.resource_version == version
+
+
+def test_invalid_config_fails_with_the_reason_and_leaves_gpus_alone(
+    k8s_api: Any, tmp_path: Path, config_file: Path
+) -> None:
+    rec, _ = _make(k8s_api, tmp_path, config_file)
+    before = rec.access.geometries()
+    _label(rec, "all-1g.10gb.me")  # an 80GB profile: not on an A100-40GB
+    rec.reconcile("label")
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "failed"
+    assert "all-1g.10gb.me cannot be applied on this node" in annotations[keys.ANNOTATION_REASON]
+    assert rec.access.geometries() == before
+    assert _no_hold(rec)
+    assert rec.node.condition().reason == "InvalidConfig"
+
+
+def test_busy_gpu_is_not_touched(k8s_api: Any, tmp_path: Path, config_file: Path) -> None:
+    rec, sim = _make(k8s_api, tmp_path, config_file)
+    _label(rec, "all-3g.20gb")
+    rec.reconcile("label")
+    sim.simAddProcess(1, 4242, gi_start=4)
+    before = rec.access.geometries()
+    _label(rec, "all-7g.40gb")
+    rec.reconcile("label")
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "failed"
+    assert (
+        "GPU 1 still runs compute processes on the GPU instance at 4 (pids 4242)"
+        in annotations[keys.ANNOTATION_REASON]
+    )
+    assert rec.access.geometries() == before
+    assert _no_hold(rec)
+
+
+def test_nvml_fault_rolls_back_and_fails(k8s_api: Any, tmp_path: Path, config_file: Path) -> None:
+    rec, _ = _make(
+        k8s_api,
+        tmp_path,
+        config_file,
+        faults="nvmlDeviceCreateGpuInstanceWithPlacement@13=InsufficientResources",
+    )
+    _label(rec, "all-3g.20gb")
+    rec.reconcile("label")  # 2 GPUs x 2 GIs: 4 creates
+    before = rec.access.geometries()
+    _label(rec, "all-1g.5gb")  # 4 + 7 creates on GPU 0, then the 13th overall fails on GPU 1
+    rec.reconcile("label")
+    labels, annotations = _node(rec)
+    reason = annotations[keys.ANNOTATION_REASON]
+    assert labels[keys.LABEL_MIG_STATE] == "failed"
+    assert "InsufficientResources" in reason and "rolled back" in reason
+    assert rec.access.geometries() == before  # both GPUs, including the one that had succeeded
+    assert _no_hold(rec)
+
+
+def test_interrupted_change_restores_the_recorded_operand_values(
+    k8s_api: Any, tmp_path: Path, config_file: Path
+) -> None:
+    rec, _ = _make(k8s_api, tmp_path, config_file, labels={DP: keys.PAUSED_FOR_MIG_CHANGE})
+    # A previous run paused the device plugin (it was "custom") and took the hold, then died.
+    before = rec.access.geometries()
+    rec.store.save(Progress("all-2g.10gb", "x", dict(before), {DP: "custom"}, phase="evicting"))
+    rec.node.hold("taint", "all-2g.10gb")
+    _label(rec, "all-2g.10gb")
+    rec.reconcile("start")
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "success"
+    assert labels[DP] == "custom"
+    assert keys.ANNOTATION_PROGRESS not in annotations
+    assert _no_hold(rec)
+    assert rec.access.geometry(0).device_counts() == {"2g.10gb": 3}
+
+
+def test_already_applied_layout_only_reports(k8s_api: Any, tmp_path: Path, config_file: Path) -> None:
+    rec, sim = _make(k8s_api, tmp_path, config_file, labels={DP: "true"})
+    _label(rec, "all-disabled")
+    calls = len(sim.calls)
+    rec.reconcile("start")
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "success"
+    assert labels[DP] == "true"
+    assert not any(c.startswith(("nvmlDeviceSetMigMode", "nvmlDeviceCreate")) for c in sim.calls[calls:])
+    assert (
+        json.loads(annotations[keys.ANNOTATION_GPUS])["gpus"][0]["geometry"] == GpuGeometry(False).to_json()
+    )
