@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -358,3 +359,9 @@ def load_config_file(path: str | Path, catalog: Catalog | None = None) -> MigPar
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from exc
     return parse_config(data, catalog)
+
+
+def load_default_config() -> MigPartedConfig:
+    """The GPU Operator's default config, shipped as `migcore/data/default-mig-parted-config.yaml`."""
+    data = resources.files("migcore").joinpath("data/default-mig-parted-config.yaml").read_bytes()
+    return parse_config(data)

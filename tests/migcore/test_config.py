@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from migcore.config import MAX_CONFIG_BYTES, ConfigError, DeviceFilter, load_config_file, parse_config
+from migcore.config import (
+    MAX_CONFIG_BYTES,
+    ConfigError,
+    DeviceFilter,
+    load_config_file,
+    load_default_config,
+    parse_config,
+)
 from migcore.profiles import parse_profile
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "data" / "default-mig-parted-config.yaml"
@@ -51,8 +58,7 @@ def test_device_filters_in_string_and_list_form() -> None:
 
 
 def test_the_packaged_default_is_the_same_file() -> None:
-    packaged = Path(__file__).parents[2] / "migcore" / "data" / "default-mig-parted-config.yaml"
-    assert load_config_file(packaged).digest == load_config_file(DEFAULT_CONFIG).digest
+    assert load_default_config().digest == load_config_file(DEFAULT_CONFIG).digest
 
 
 def test_digest_follows_the_bytes() -> None:
