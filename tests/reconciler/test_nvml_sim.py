@@ -280,6 +280,6 @@ def test_spec_parsers_name_the_bad_part() -> None:
         ("nvmlDeviceSetMigMode=slow", parse_latency_spec),
     ]:
         with pytest.raises(SimulationSpecError, match='"'):
-            parser(bad)  # type: ignore[operator]
+            parser(bad)
     with pytest.raises(LookupError, match="unknown GPU product"):
         SimulatedNvml(["NVIDIA-GeForce-RTX-4090"])

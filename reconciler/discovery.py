@@ -1,0 +1,47 @@
+"""What the reconciler publishes about the node's GPUs (`mig-guard.io/gpus`), so that the webhook
+judges a layout against what the driver offers, not only against the `gpu.product` label.
+
+The report itself is read through NVML by `GpuAccess.discover`; this module turns it into the
+annotation and decides when it needs rewriting (not on every resync: only when the GPUs change).
+"""
+
+from __future__ import annotations
+
+import json
+
+from migcore.hardware import MAX_ANNOTATION_BYTES, HardwareReportError, NodeGpus
+from migcore.keys import ANNOTATION_GPUS
+from reconciler.gpu_access import GpuAccess
+
+
+def discover(access: GpuAccess) -> NodeGpus:
+    """The node's GPUs now (ids, MIG capability, the driver's profiles with max counts, layouts)."""
+    return access.discover()
+
+
+def gpus_annotation(report: NodeGpus) -> dict[str, str]:
+    """The annotation patch for `report`. Raises HardwareReportError if it would not fit the limit."""
+    text = report.to_annotation()
+    if len(text.encode()) > MAX_ANNOTATION_BYTES:
+        raise HardwareReportError(
+            f"hardware report is {len(text.encode())} bytes, over {MAX_ANNOTATION_BYTES}"
+        )
+    return {ANNOTATION_GPUS: text}
+
+
+def _comparable(text: str) -> object:
+    raw = json.loads(text)
+    if isinstance(raw, dict):
+        raw.pop("reportedAt", None)
+    return raw
+
+
+def report_changed(published: str | None, report: NodeGpus) -> bool:
+    """True when the annotation on the node (`published`) says something else than `report`
+    (the report time aside), or is missing or unreadable."""
+    if not published:
+        return True
+    try:
+        return _comparable(published) != _comparable(report.to_annotation())
+    except json.JSONDecodeError:
+        return True

@@ -1,0 +1,560 @@
+"""The one interface between mig-guard and NVML: read the GPUs, run a plan's operations.
+
+Everything here calls the pynvml API exactly as it is (ctypes structs, placement arrays, `byref`
+counts, `pynvml.NVMLError_*`), on the module it is given: the real `pynvml` on a node, or
+`reconciler.nvml_sim.SimulatedNvml` in tests and the demo. Profile names come from the hardware
+catalog through the NVML profile constant (`nvml_profile_id`); the device-specific `info.id` that
+NVML returns is what create/list calls take, never a hard-coded number.
+
+A GPU reset is not in NVML: it goes through the host (`nvidia-smi -r -i N`), or the simulator's
+`simResetGpu`. Every NVML failure becomes a GpuError that says which GPU, which step and which
+NVML error, in a sentence fit for the node's reason annotation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from migcore.catalog import Catalog, Product, UnknownProductError, load_catalog
+from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec
+from migcore.hardware import DiscoveredGpu, NodeGpus
+from migcore.planning import GpuPlan, Operation
+from migcore.profiles import MigProfile, ProfileError, parse_profile
+
+Progress = Callable[[Operation, int], None]
+_NOT_A_MIG_ID = 0xFFFFFFFF
+
+
+class GpuError(Exception):
+    """An NVML step that failed: `gpu`, `operation` (what was being done), `nvml_error` (e.g. InUse)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        gpu: int | None = None,
+        operation: Operation | str = "",
+        nvml_error: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.gpu = gpu
+        self.op = operation if isinstance(operation, Operation) else None
+        self.operation = operation.describe() if isinstance(operation, Operation) else operation
+        self.nvml_error = nvml_error
+
+    @property
+    def needs_reboot(self) -> bool:
+        """The GPU cannot activate a MIG mode change without a host reboot (pass-through VMs)."""
+        return self.nvml_error == "ResetRequired"
+
+
+def nvml_error_name(exc: BaseException) -> str:
+    """`InUse` for pynvml.NVMLError_InUse, and so on (the class names pynvml generates)."""
+    name = type(exc).__name__
+    return name.removeprefix("NVMLError_") if name.startswith("NVMLError_") else name
+
+
+@dataclass(frozen=True)
+class _GiRecord:
+    handle: Any
+    id: int
+    profile: MigProfile
+    start: int
+    size: int
+    compute: tuple[tuple[Any, int, ComputeInstanceSpec], ...]  # (handle, CI id, spec)
+
+
+def reset_gpu_with_nvidia_smi(index: int) -> None:
+    """The real GPU reset: NVML has no reset call, mig-parted also runs `nvidia-smi -r`."""
+    done = subprocess.run(["nvidia-smi", "-r", "-i", str(index)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError((done.stdout + done.stderr).strip() or f"nvidia-smi -r exited {done.returncode}")
+
+
+class GpuAccess:
+    """Reads and changes the MIG layout of a node's GPUs through an NVML module."""
+
+    def __init__(
+        self,
+        nvml: Any,
+        reset_gpu: Callable[[int], None] | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.nvml = nvml
+        self._catalog = catalog or load_catalog()
+        if reset_gpu is None:
+            reset_gpu = getattr(nvml, "simResetGpu", None) or reset_gpu_with_nvidia_smi
+        self._reset_gpu = reset_gpu
+        self._products: dict[int, Product | None] = {}
+        self._gi_infos: dict[int, dict[int, Any]] = {}  # GPU -> NVML GI profile constant -> info
+        self._ci_infos: dict[tuple[int, int], dict[int, Any]] = {}  # (GPU, GI constant) -> CI const -> info
+        self._placements: dict[tuple[int, int], dict[int, int]] = {}  # (GPU, info.id) -> start -> size
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._call(None, "initialise NVML", self.nvml.nvmlInit)
+
+    def stop(self) -> None:
+        self._call(None, "shut NVML down", self.nvml.nvmlShutdown)
+
+    def _call(self, gpu: int | None, step: Operation | str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call NVML; turn its error into a GpuError naming the GPU and the step."""
+        try:
+            return fn(*args)
+        except self.nvml.NVMLError as exc:
+            name = nvml_error_name(exc)
+            what = step.describe() if isinstance(step, Operation) else step
+            where = "" if gpu is None else f"GPU {gpu}: "
+            raise GpuError(
+                f"{where}{what} failed: NVML {fn.__name__} returned {name} ({exc})",
+                gpu=gpu,
+                operation=step,
+                nvml_error=name,
+            ) from exc
+
+    def _handle(self, index: int, step: Operation | str = "open the GPU") -> Any:
+        return self._call(index, step, self.nvml.nvmlDeviceGetHandleByIndex, index)
+
+    def gpu_count(self) -> int:
+        return int(self._call(None, "count GPUs", self.nvml.nvmlDeviceGetCount))
+
+    # --- what the GPU is --------------------------------------------------------------------------
+
+    def product(self, index: int) -> Product | None:
+        """The catalog product of GPU `index` (by PCI id, else by name), None if unknown."""
+        if index not in self._products:
+            handle = self._handle(index)
+            pci = self._call(index, "read the PCI id", self.nvml.nvmlDeviceGetPciInfo, handle).pciDeviceId
+            try:
+                self._products[index] = self._catalog.by_pci_id(int(pci))
+            except UnknownProductError:
+                name = self._call(index, "read the name", self.nvml.nvmlDeviceGetName, handle)
+                try:
+                    self._products[index] = self._catalog.by_nvml_name(str(name))
+                except UnknownProductError:
+                    self._products[index] = None
+        return self._products[index]
+
+    def mig_mode(self, index: int) -> tuple[bool, bool]:
+        """(current, pending) MIG mode; (False, False) for a GPU without MIG."""
+        handle = self._handle(index, "read the MIG mode")
+        try:
+            current, pending = self.nvml.nvmlDeviceGetMigMode(handle)
+        except self.nvml.NVMLError_NotSupported:
+            return False, False
+        except self.nvml.NVMLError as exc:
+            raise GpuError(
+                f"GPU {index}: reading the MIG mode failed: {nvml_error_name(exc)}",
+                gpu=index,
+                operation="read the MIG mode",
+                nvml_error=nvml_error_name(exc),
+            ) from exc
+        return bool(current), bool(pending)
+
+    def _mig_capable(self, index: int) -> bool:
+        handle = self._handle(index)
+        try:
+            self._call(index, "read the MIG mode", self.nvml.nvmlDeviceGetMigMode, handle)
+        except GpuError as exc:
+            if exc.nvml_error == "NotSupported":
+                return False
+            raise
+        return True
+
+    def _profile_name(self, index: int, profile_const: int, info: Any) -> MigProfile:
+        product = self.product(index)
+        found = product.profile_by_nvml_id(profile_const) if product else None
+        if found is not None:
+            return found.name
+        name = str(info.name) if hasattr(info, "name") else ""
+        try:
+            return parse_profile(name.removeprefix("MIG ").strip())
+        except ProfileError as exc:
+            raise GpuError(
+                f"GPU {index}: cannot name GPU-instance profile {profile_const} (driver says {name!r})",
+                gpu=index,
+                operation="name a profile",
+            ) from exc
+
+    def _gi_profile_infos(self, index: int, handle: Any) -> dict[int, Any]:
+        """NVML profile constant -> profile info, for the profiles this GPU offers (MIG on)."""
+        if index not in self._gi_infos:
+            infos: dict[int, Any] = {}
+            for const in range(self.nvml.NVML_GPU_INSTANCE_PROFILE_COUNT):
+                try:
+                    infos[const] = self.nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, const)
+                except (self.nvml.NVMLError_NotSupported, self.nvml.NVMLError_InvalidArgument):
+                    continue  # go-nvlib VisitMigProfiles: the profile is not offered here
+                except self.nvml.NVMLError as exc:
+                    raise GpuError(
+                        f"GPU {index}: reading GPU-instance profile {const} failed: {nvml_error_name(exc)}",
+                        gpu=index,
+                        operation="read the GPU-instance profiles",
+                        nvml_error=nvml_error_name(exc),
+                    ) from exc
+            self._gi_infos[index] = infos
+        return self._gi_infos[index]
+
+    def _ci_profile_infos(self, index: int, gi_const: int, gi_handle: Any) -> dict[int, Any]:
+        key = (index, gi_const)
+        if key not in self._ci_infos:
+            infos: dict[int, Any] = {}
+            for const in range(self.nvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT):
+                try:
+                    infos[const] = self.nvml.nvmlGpuInstanceGetComputeInstanceProfileInfo(
+                        gi_handle, const, self.nvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED
+                    )
+                except (self.nvml.NVMLError_NotSupported, self.nvml.NVMLError_InvalidArgument):
+                    continue
+                except self.nvml.NVMLError as exc:
+                    raise GpuError(
+                        f"GPU {index}: reading compute-instance profile {const} failed: {nvml_error_name(exc)}",
+                        gpu=index,
+                        operation="read the compute-instance profiles",
+                        nvml_error=nvml_error_name(exc),
+                    ) from exc
+            self._ci_infos[key] = infos
+        return self._ci_infos[key]
+
+    def _forget(self, index: int) -> None:
+        """Drop cached profile data of a GPU whose mode changed (a reset re-enumerates it)."""
+        self._gi_infos.pop(index, None)
+        for key in [k for k in self._ci_infos if k[0] == index]:
+            del self._ci_infos[key]
+        for key in [k for k in self._placements if k[0] == index]:
+            del self._placements[key]
+
+    # --- reading the layout -----------------------------------------------------------------------
+
+    def _walk(
+        self, index: int, handle: Any, step: Operation | str = "read the MIG layout", only: int | None = None
+    ) -> list[_GiRecord]:
+        """Every GPU instance of a MIG-enabled GPU (of profile constant `only`, if given), with its
+        compute instances, from NVML."""
+        records: list[_GiRecord] = []
+        nvml = self.nvml
+        for const, info in self._gi_profile_infos(index, handle).items():
+            if only is not None and const != only:
+                continue
+            name = self._profile_name(index, const, info)
+            array = (nvml.c_nvmlGpuInstance_t * max(1, int(info.instanceCount)))()
+            count = ctypes.c_uint(0)
+            self._call(
+                index, step, nvml.nvmlDeviceGetGpuInstances, handle, info.id, array, ctypes.byref(count)
+            )
+            for i in range(count.value):
+                gi = array[i]
+                gi_info = self._call(index, step, nvml.nvmlGpuInstanceGetInfo, gi)
+                compute: list[tuple[Any, int, ComputeInstanceSpec]] = []
+                for ci_info in self._ci_profile_infos(index, const, gi).values():
+                    ci_array = (nvml.c_nvmlComputeInstance_t * max(1, int(ci_info.instanceCount)))()
+                    ci_count = ctypes.c_uint(0)
+                    self._call(
+                        index,
+                        step,
+                        nvml.nvmlGpuInstanceGetComputeInstances,
+                        gi,
+                        ci_info.id,
+                        ci_array,
+                        ctypes.byref(ci_count),
+                    )
+                    ci_name = str(name.with_compute_slices(int(ci_info.sliceCount)))
+                    for j in range(ci_count.value):
+                        ci = ci_array[j]
+                        c_info = self._call(index, step, nvml.nvmlComputeInstanceGetInfo, ci)
+                        spec = ComputeInstanceSpec(ci_name, int(c_info.placement.start))
+                        compute.append((ci, int(c_info.id), spec))
+                records.append(
+                    _GiRecord(
+                        gi,
+                        int(gi_info.id),
+                        name,
+                        int(gi_info.placement.start),
+                        int(gi_info.placement.size),
+                        tuple(sorted(compute, key=lambda c: c[2])),
+                    )
+                )
+        return sorted(records, key=lambda r: r.start)
+
+    def geometry(self, index: int) -> GpuGeometry:
+        """The current layout of GPU `index`, placements and compute instances included."""
+        current, _ = self.mig_mode(index)
+        if not current:
+            return GpuGeometry(False)
+        records = self._walk(index, self._handle(index))
+        return GpuGeometry(
+            True,
+            tuple(
+                GpuInstanceSpec(r.start, r.size, str(r.profile), tuple(c[2] for c in r.compute))
+                for r in records
+            ),
+        )
+
+    def geometries(self) -> dict[int, GpuGeometry]:
+        return {i: self.geometry(i) for i in range(self.gpu_count())}
+
+    def discover(self) -> NodeGpus:
+        """The node's GPUs for the `mig-guard.io/gpus` annotation: ids, the driver's profiles with
+        their max counts (only readable with MIG on: NVML answers NotSupported otherwise), layout."""
+        gpus: list[DiscoveredGpu] = []
+        for index in range(self.gpu_count()):
+            handle = self._handle(index)
+            name = str(self._call(index, "read the name", self.nvml.nvmlDeviceGetName, handle))
+            uuid = str(self._call(index, "read the UUID", self.nvml.nvmlDeviceGetUUID, handle))
+            pci = int(
+                self._call(index, "read the PCI id", self.nvml.nvmlDeviceGetPciInfo, handle).pciDeviceId
+            )
+            capable = self._mig_capable(index)
+            profiles: dict[str, int] = {}
+            geometry = GpuGeometry(False)
+            if capable and self.mig_mode(index)[0]:
+                for const, info in self._gi_profile_infos(index, handle).items():
+                    profiles[str(self._profile_name(index, const, info))] = int(info.instanceCount)
+                geometry = self.geometry(index)
+            gpus.append(
+                DiscoveredGpu(index, pci, name, capable, profiles, geometry if capable else None, uuid)
+            )
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return NodeGpus(tuple(gpus), stamp)
+
+    # --- workloads ----------------------------------------------------------------------------------
+
+    def processes(self, index: int) -> dict[int | None, list[int]]:
+        """Compute processes by GI start (None: the whole GPU, or a process NVML does not place)."""
+        handle = self._handle(index, "list processes")
+        step = "list processes"
+        found: dict[int | None, set[int]] = {}
+        current, _ = self.mig_mode(index)
+        starts: dict[int, int] = {}
+        if current:
+            starts = {r.id: r.start for r in self._walk(index, handle, step)}
+        for proc in self._call(index, step, self.nvml.nvmlDeviceGetComputeRunningProcesses, handle):
+            gi_id = getattr(proc, "gpuInstanceId", _NOT_A_MIG_ID)
+            found.setdefault(starts.get(gi_id) if current else None, set()).add(int(proc.pid))
+        if current:
+            for mig, gi_id in self._mig_devices(index, handle, step):
+                for proc in self._call(index, step, self.nvml.nvmlDeviceGetComputeRunningProcesses, mig):
+                    found.setdefault(starts.get(gi_id), set()).add(int(proc.pid))
+        return {start: sorted(pids) for start, pids in found.items()}
+
+    def _mig_devices(self, index: int, handle: Any, step: str) -> list[tuple[Any, int]]:
+        """(MIG device handle, its GI id) for every MIG device of the GPU."""
+        out: list[tuple[Any, int]] = []
+        count = int(self._call(index, step, self.nvml.nvmlDeviceGetMaxMigDeviceCount, handle))
+        for i in range(count):
+            try:
+                mig = self.nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, i)
+            except self.nvml.NVMLError_NotFound:
+                continue  # MIG device indexes can be sparse (go-nvlib skips NOT_FOUND)
+            except self.nvml.NVMLError as exc:
+                raise GpuError(
+                    f"GPU {index}: {step} failed: {nvml_error_name(exc)}",
+                    gpu=index,
+                    operation=step,
+                    nvml_error=nvml_error_name(exc),
+                ) from exc
+            out.append((mig, int(self._call(index, step, self.nvml.nvmlDeviceGetGpuInstanceId, mig))))
+        return out
+
+    def device_ids(self, index: int) -> dict[str, int | None]:
+        """GPU UUID -> None, and each MIG device UUID -> its GI start (to place PodResources ids)."""
+        step = "list device ids"
+        handle = self._handle(index, step)
+        out: dict[str, int | None] = {str(self._call(index, step, self.nvml.nvmlDeviceGetUUID, handle)): None}
+        if not self.mig_mode(index)[0]:
+            return out
+        starts = {r.id: r.start for r in self._walk(index, handle, step)}
+        for mig, gi_id in self._mig_devices(index, handle, step):
+            out[str(self._call(index, step, self.nvml.nvmlDeviceGetUUID, mig))] = starts.get(gi_id)
+        return out
+
+    # --- changing the layout ----------------------------------------------------------------------
+
+    def reset_gpu(self, index: int, step: Operation | str = "reset-gpu") -> None:
+        """Reset through the host; a pending MIG mode takes effect and every instance is gone."""
+        try:
+            self._reset_gpu(index)
+        except self.nvml.NVMLError as exc:
+            name = nvml_error_name(exc)
+            raise GpuError(
+                f"GPU {index}: the GPU reset was refused ({name})"
+                + ("; only a reboot can activate the MIG mode change" if name == "ResetRequired" else ""),
+                gpu=index,
+                operation=step,
+                nvml_error=name,
+            ) from exc
+        except (OSError, RuntimeError) as exc:
+            raise GpuError(f"GPU {index}: the GPU reset failed: {exc}", gpu=index, operation=step) from exc
+        finally:
+            self._forget(index)
+
+    def apply(self, plan: GpuPlan, progress: Progress | None = None) -> None:
+        """Run the plan's operations in order; `progress(op, i)` after each. The first failure raises
+        a GpuError and stops (the caller rolls back: `reconciler.gpu_apply`)."""
+        for i, op in enumerate(plan.operations):
+            self._run(op)
+            if progress is not None:
+                progress(op, i)
+
+    def _run(self, op: Operation) -> None:
+        index, nvml = op.gpu, self.nvml
+        handle = self._handle(index, op)
+        if op.op == "set-mig-mode":
+            mode = nvml.NVML_DEVICE_MIG_ENABLE if op.enabled else nvml.NVML_DEVICE_MIG_DISABLE
+            status = int(self._call(index, op, nvml.nvmlDeviceSetMigMode, handle, mode))
+            if status == nvml.NVML_ERROR_RESET_REQUIRED:
+                raise GpuError(
+                    f"GPU {index}: {op.describe()} needs a reboot to take effect (activation status ResetRequired)",
+                    gpu=index,
+                    operation=op,
+                    nvml_error="ResetRequired",
+                )
+            if status not in (nvml.NVML_SUCCESS,):
+                name = nvml_error_name(nvml.NVMLError(status))
+                raise GpuError(
+                    f"GPU {index}: {op.describe()} was not activated (activation status {name})",
+                    gpu=index,
+                    operation=op,
+                    nvml_error=name,
+                )
+            self._forget(index)
+        elif op.op == "reset-gpu":
+            self.reset_gpu(index, op)
+            current, pending = self.mig_mode(index)
+            if current != pending:
+                raise GpuError(
+                    f"GPU {index}: after the reset MIG mode is still {'on' if current else 'off'}",
+                    gpu=index,
+                    operation=op,
+                )
+        elif op.op == "create-gi":
+            self._create_gi(index, handle, op)
+        elif op.op == "destroy-gi":
+            self._call(index, op, nvml.nvmlGpuInstanceDestroy, self._find_gi(index, handle, op).handle)
+        elif op.op == "create-ci":
+            self._create_ci(index, handle, op)
+        elif op.op == "destroy-ci":
+            record = self._find_gi(index, handle, op)
+            for ci, _, spec in record.compute:
+                if spec.profile == op.profile and spec.start == op.start:
+                    self._call(index, op, nvml.nvmlComputeInstanceDestroy, ci)
+                    return
+            raise GpuError(
+                f"GPU {index}: {op.describe()}: no such compute instance",
+                gpu=index,
+                operation=op,
+                nvml_error="NotFound",
+            )
+        else:  # pragma: no cover - OpName is closed
+            raise GpuError(f"unknown operation {op.op}", gpu=index, operation=op)
+
+    def _gi_const(self, index: int, handle: Any, profile: MigProfile, op: Operation) -> tuple[int, Any]:
+        """The NVML profile constant and info for a GI profile name on this GPU."""
+        infos = self._gi_profile_infos(index, handle)
+        product = self.product(index)
+        known = product.gpu_instance_profile(profile) if product else None
+        if known is not None and known.nvml_profile_id in infos:
+            return known.nvml_profile_id, infos[known.nvml_profile_id]
+        for const, info in infos.items():
+            if self._profile_name(index, const, info) == profile:
+                return const, info
+        raise GpuError(
+            f"GPU {index}: {op.describe()}: the driver offers no {profile} profile",
+            gpu=index,
+            operation=op,
+            nvml_error="NotSupported",
+        )
+
+    def _create_gi(self, index: int, handle: Any, op: Operation) -> None:
+        nvml = self.nvml
+        assert op.profile is not None and op.start is not None
+        _, info = self._gi_const(index, handle, parse_profile(op.profile).gpu_instance, op)
+        key = (index, int(info.id))
+        if key not in self._placements:
+            count = ctypes.c_uint(0)
+            self._call(
+                index,
+                op,
+                nvml.nvmlDeviceGetGpuInstancePossiblePlacements,
+                handle,
+                info.id,
+                None,
+                ctypes.byref(count),
+            )
+            array = (nvml.c_nvmlGpuInstancePlacement_t * max(1, count.value))()
+            self._call(
+                index,
+                op,
+                nvml.nvmlDeviceGetGpuInstancePossiblePlacements,
+                handle,
+                info.id,
+                array,
+                ctypes.byref(count),
+            )
+            self._placements[key] = {int(array[i].start): int(array[i].size) for i in range(count.value)}
+        size = self._placements[key].get(op.start)
+        if size is None:
+            starts = ", ".join(str(s) for s in sorted(self._placements[key]))
+            raise GpuError(
+                f"GPU {index}: {op.describe()}: {op.profile} can only start at {starts}",
+                gpu=index,
+                operation=op,
+                nvml_error="InvalidArgument",
+            )
+        placement = nvml.c_nvmlGpuInstancePlacement_t()
+        placement.start, placement.size = op.start, size
+        self._call(
+            index, op, nvml.nvmlDeviceCreateGpuInstanceWithPlacement, handle, info.id, ctypes.byref(placement)
+        )
+
+    def _find_gi(self, index: int, handle: Any, op: Operation) -> _GiRecord:
+        start = op.start if op.op == "destroy-gi" else op.gi_start
+        assert op.profile is not None
+        gi_profile = parse_profile(op.profile).gpu_instance
+        const, _ = self._gi_const(index, handle, gi_profile, op)
+        for record in self._walk(index, handle, op, only=const):
+            if record.start == start and record.profile == gi_profile:
+                return record
+        raise GpuError(
+            f"GPU {index}: {op.describe()}: no {gi_profile} GPU instance at {start}",
+            gpu=index,
+            operation=op,
+            nvml_error="NotFound",
+        )
+
+    def _create_ci(self, index: int, handle: Any, op: Operation) -> None:
+        nvml = self.nvml
+        assert op.profile is not None and op.start is not None
+        profile = parse_profile(op.profile)
+        record = self._find_gi(index, handle, op)
+        gi_const, _ = self._gi_const(index, handle, record.profile, op)
+        infos = self._ci_profile_infos(index, gi_const, record.handle)
+        product = self.product(index)
+        known = product.gpu_instance_profile(record.profile) if product else None
+        ci_known = known.compute_profile(profile.compute_slices) if known else None
+        info = infos.get(ci_known.nvml_ci_profile_id) if ci_known else None
+        if info is None:
+            info = next((i for i in infos.values() if int(i.sliceCount) == profile.compute_slices), None)
+        if info is None:
+            raise GpuError(
+                f"GPU {index}: {op.describe()}: the GPU instance offers no {profile.compute_slices}-slice compute profile",
+                gpu=index,
+                operation=op,
+                nvml_error="NotSupported",
+            )
+        placement = nvml.c_nvmlComputeInstancePlacement_t()
+        placement.start, placement.size = op.start, int(info.sliceCount)
+        self._call(
+            index,
+            op,
+            nvml.nvmlGpuInstanceCreateComputeInstanceWithPlacement,
+            record.handle,
+            info.id,
+            ctypes.byref(placement),
+        )

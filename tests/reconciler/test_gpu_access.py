@@ -1,0 +1,202 @@
+"""The pynvml-calling layer, run unchanged against the simulated NVML.
+
+The fault-injection tests record the exact NVML call sequence of an apply, then, for every call
+in it, inject an NVML error at that call and check that the error names the step and that the
+GPU can be put back (reconciler.gpu_apply.apply_with_rollback) to the layout from before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pynvml
+import pytest
+
+from migcore.catalog import load_catalog
+from migcore.geometry import GpuGeometry
+from migcore.placement import fit
+from migcore.planning import GpuPlan, plan_gpu
+from migcore.profiles import parse_profile
+from reconciler.gpu_access import GpuAccess, GpuError
+from reconciler.gpu_apply import apply_with_rollback
+from reconciler.gpu_backend import make_gpu_access
+from reconciler.nvml_sim import SimulatedNvml, SimulationSpecError
+
+A100 = "NVIDIA-A100-SXM4-40GB"
+
+
+def layout(product: str, **counts: int) -> GpuGeometry:
+    """A catalog layout: layout("A100-40GB", **{"1g.5gb": 2}) (keyword names are profiles)."""
+    result = fit(load_catalog().products[product], {parse_profile(p): n for p, n in counts.items()})
+    assert result.geometry is not None, result.reason
+    return result.geometry
+
+
+BALANCED = layout("A100-40GB", **{"1g.5gb": 2, "2g.10gb": 1, "3g.20gb": 1})
+SPLIT = layout("A100-40GB", **{"1g.5gb": 2, "2g.10gb": 1, "1c.3g.20gb": 3})
+SEVEN = layout("A100-40GB", **{"1g.5gb": 7})
+DISABLED = GpuGeometry(False)
+
+
+def access_for(*labels: str, **kwargs: str) -> GpuAccess:
+    access = GpuAccess(SimulatedNvml(list(labels) or [A100], **kwargs))  # type: ignore[arg-type]
+    access.start()
+    return access
+
+
+def put(access: GpuAccess, index: int, geometry: GpuGeometry) -> None:
+    access.apply(plan_gpu(index, access.geometry(index), geometry))
+
+
+def test_applies_a_plan_and_reads_the_same_layout_back() -> None:
+    access = access_for(A100, A100)
+    seen: list[str] = []
+    plan = plan_gpu(1, access.geometry(1), SPLIT)
+    access.apply(plan, lambda op, i: seen.append(f"{i}:{op.op}"))
+    assert access.geometry(1) == SPLIT
+    assert access.geometry(0) == DISABLED  # the other GPU is untouched
+    assert seen[:2] == ["0:set-mig-mode", "1:reset-gpu"] and len(seen) == len(plan.operations)
+    assert access.mig_mode(1) == (True, True)
+
+
+def test_reads_profiles_through_the_product_on_other_products() -> None:
+    access = access_for("NVIDIA-H100-80GB-HBM3", "NVIDIA-A30", "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition")
+    layouts = {
+        0: layout("H100-80GB", **{"1g.20gb": 1, "1g.10gb+me": 1, "1g.10gb": 1, "3g.40gb": 1}),
+        1: layout("A30-24GB", **{"2g.12gb+me": 1, "1c.2g.12gb": 2}),
+        2: layout("RTX-PRO-6000-Blackwell", **{"1g.24gb": 2, "2g.48gb": 1}),
+    }
+    for index, geometry in layouts.items():
+        put(access, index, geometry)
+        assert access.geometry(index) == geometry
+
+
+def test_discover_reports_ids_profiles_and_layout() -> None:
+    access = access_for(A100, "NVIDIA-H100-80GB-HBM3")
+    put(access, 0, BALANCED)
+    report = access.discover()
+    a100, h100 = report.gpus
+    assert (a100.index, a100.pci_device_id, a100.name, a100.mig_capable) == (
+        0,
+        0x20B010DE,
+        "NVIDIA A100-SXM4-40GB",
+        True,
+    )
+    assert a100.profiles["1g.5gb"] == 7 and a100.profiles["3g.20gb"] == 2 and a100.profiles["7g.40gb"] == 1
+    assert a100.geometry == BALANCED and a100.uuid
+    # MIG off: NVML does not answer profile queries, so no driver profiles are claimed.
+    assert h100.profiles == {} and h100.geometry == DISABLED
+    assert report.gpus == type(report).from_annotation(report.to_annotation()).gpus
+
+
+def test_processes_and_device_ids_map_to_gi_starts() -> None:
+    access = access_for(A100, A100)
+    put(access, 0, BALANCED)
+    nvml = access.nvml
+    nvml.simAddProcess(0, 101, gi_start=4)
+    nvml.simAddProcess(0, 102, gi_start=2)
+    nvml.simAddProcess(1, 103)
+    assert access.processes(0) == {4: [101], 2: [102]}
+    assert access.processes(1) == {None: [103]}
+    ids = access.device_ids(0)
+    assert sorted(v for v in ids.values() if v is not None) == [0, 2, 3, 4]
+    assert [k for k, v in ids.items() if v is None] == [
+        nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(0))
+    ]
+    assert list(access.device_ids(1).values()) == [None]
+
+
+def test_errors_name_the_gpu_the_step_and_the_nvml_error() -> None:
+    access = access_for(A100)
+    put(access, 0, BALANCED)
+    access.nvml.simAddProcess(0, 55, gi_start=0)
+    plan = plan_gpu(0, BALANCED, SEVEN)
+    with pytest.raises(GpuError) as caught:
+        access.apply(plan)
+    error = caught.value
+    assert (error.gpu, error.nvml_error) == (0, "InUse")
+    assert error.operation == "destroy-ci 2g.10gb@0 in GI@0 on GPU 0"
+    assert str(error).startswith("GPU 0: destroy-ci 2g.10gb@0 in GI@0 on GPU 0 failed: NVML")
+    assert isinstance(error.__cause__, pynvml.NVMLError_InUse)
+
+
+def test_mode_change_that_needs_a_reboot_is_reported_as_such() -> None:
+    access = GpuAccess(SimulatedNvml([A100], reset_requires_reboot=True))
+    access.start()
+    with pytest.raises(GpuError) as caught:
+        access.apply(plan_gpu(0, DISABLED, BALANCED))
+    assert caught.value.needs_reboot and caught.value.operation == "set-mig-mode enabled on GPU 0"
+
+
+def test_backend_factory_builds_simulated_gpus_and_rejects_bad_specs(tmp_path: Path) -> None:
+    state = tmp_path / "gpus.json"
+    access = make_gpu_access("simulated", f"{A100}:2,NVIDIA-H100-80GB-HBM3:1", str(state))
+    access.start()
+    assert access.gpu_count() == 3
+    put(access, 2, layout("H100-80GB", **{"7g.80gb": 1}))
+    restarted = make_gpu_access("simulated", None, str(state))
+    restarted.start()
+    assert restarted.geometry(2) == layout("H100-80GB", **{"7g.80gb": 1})
+    with pytest.raises(SimulationSpecError):
+        make_gpu_access("simulated", "A100")
+    with pytest.raises(SimulationSpecError):
+        make_gpu_access("nvml", f"{A100}:1")
+    with pytest.raises(SimulationSpecError):
+        make_gpu_access("cuda")
+
+
+# --- fault injection at every NVML call -------------------------------------------------------------
+
+
+SCENARIOS = {
+    "enable MIG and build": (DISABLED, BALANCED),
+    "change compute instances and GIs": (BALANCED, SPLIT),
+    "replace GIs": (SPLIT, SEVEN),
+    "tear down and disable MIG": (BALANCED, DISABLED),
+}
+
+
+def _fresh(start: GpuGeometry, faults: str | None = None) -> GpuAccess:
+    """Two A100s, GPU 0 holding `start`. Faults count calls from construction, set-up included."""
+    access = GpuAccess(SimulatedNvml([A100, A100], faults=faults))
+    access.start()
+    put(access, 0, start)
+    return access
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_a_fault_at_any_nvml_call_of_an_apply_is_named_and_rolled_back(scenario: str) -> None:
+    start, target = SCENARIOS[scenario]
+    # Record the calls an undisturbed apply (with its read-back) makes.
+    clean = _fresh(start)
+    plan: GpuPlan = plan_gpu(0, clean.geometry(0), target)
+    first = len(clean.nvml.calls)
+    assert apply_with_rollback(clean, plan).ok
+    sequence = clean.nvml.calls[first:]
+    assert len(sequence) > 20
+    for position, function in enumerate(sequence):
+        nth = clean.nvml.calls[: first + position + 1].count(function)
+        access = _fresh(start, f"{function}@{nth}=Unknown")
+        assert access.geometry(0) == start
+        outcome = apply_with_rollback(access, plan)
+        where = f"fault at call {position} ({function} #{nth})"
+        assert not outcome.ok, where
+        assert outcome.error is not None and outcome.error.nvml_error == "Unknown", where
+        assert outcome.error.gpu == 0 and outcome.error.operation, where
+        assert outcome.rolled_back, f"{where}: {outcome.reason}"
+        assert access.geometry(0) == start and access.mig_mode(0) == (start.mig_enabled, start.mig_enabled), (
+            where
+        )
+
+
+def test_a_fault_at_any_nvml_call_of_discovery_raises_a_gpu_error() -> None:
+    clean = _fresh(BALANCED)
+    first = len(clean.nvml.calls)
+    clean.discover()
+    sequence = clean.nvml.calls[first:]
+    for position, function in enumerate(sequence):
+        nth = clean.nvml.calls[: first + position + 1].count(function)
+        access = _fresh(BALANCED, f"{function}@{nth}=Unknown")
+        with pytest.raises(GpuError) as caught:
+            access.discover()
+        assert caught.value.nvml_error == "Unknown" and caught.value.operation, function
