@@ -66,7 +66,8 @@ def _webhook(name: str, *, mutating: bool = False) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def cluster(k8s_api: Any) -> Iterator[Any]:
-    core, admission = k8s.CoreV1Api(k8s_api), k8s.AdmissionregistrationV1Api(k8s_api)
+    core: Any = k8s.CoreV1Api(k8s_api)
+    admission: Any = k8s.AdmissionregistrationV1Api(k8s_api)
     core.create_namespace({"metadata": {"name": NAMESPACE}})
     admission.create_validating_webhook_configuration(
         {"metadata": {"name": CONFIG}, "webhooks": [_webhook("a.certs.test"), _webhook("b.certs.test")]}
@@ -83,7 +84,8 @@ def cluster(k8s_api: Any) -> Iterator[Any]:
 
 
 def secret(api: Any, name: str) -> Any:
-    return k8s.CoreV1Api(api).read_namespaced_secret(name, NAMESPACE)
+    core: Any = k8s.CoreV1Api(api)
+    return core.read_namespaced_secret(name, NAMESPACE)
 
 
 def data(api: Any, name: str) -> dict[str, bytes]:
@@ -91,7 +93,7 @@ def data(api: Any, name: str) -> dict[str, bytes]:
 
 
 def ca_bundles(api: Any) -> list[bytes]:
-    admission = k8s.AdmissionregistrationV1Api(api)
+    admission: Any = k8s.AdmissionregistrationV1Api(api)
     configs = [
         admission.read_validating_webhook_configuration(CONFIG),
         admission.read_mutating_webhook_configuration(CONFIG),
@@ -100,7 +102,7 @@ def ca_bundles(api: Any) -> list[bytes]:
 
 
 def resource_versions(api: Any) -> dict[str, str]:
-    admission = k8s.AdmissionregistrationV1Api(api)
+    admission: Any = k8s.AdmissionregistrationV1Api(api)
     return {
         "serving": secret(api, SECRET).metadata.resource_version,
         "ca": secret(api, SECRET + "-ca").metadata.resource_version,
