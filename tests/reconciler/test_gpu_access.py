@@ -7,16 +7,19 @@ GPU can be put back (reconciler.gpu_apply.apply_with_rollback) to the layout fro
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pynvml
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from migcore.catalog import load_catalog
 from migcore.geometry import GpuGeometry
 from migcore.placement import fit
-from migcore.planning import GpuPlan, plan_gpu
-from migcore.profiles import parse_profile
+from migcore.planning import GpuPlan, keep_in_place, plan_gpu
+from migcore.profiles import MigProfile, parse_profile
 from reconciler.gpu_access import GpuAccess, GpuError
 from reconciler.gpu_apply import apply_with_rollback
 from reconciler.gpu_backend import make_gpu_access
@@ -200,3 +203,44 @@ def test_a_fault_at_any_nvml_call_of_discovery_raises_a_gpu_error() -> None:
         with pytest.raises(GpuError) as caught:
             access.discover()
         assert caught.value.nvml_error == "Unknown" and caught.value.operation, function
+
+
+# --- the planner's plans, run through NVML ----------------------------------------------------------
+
+PRODUCTS = {"A100-40GB": A100, "H100-80GB": "NVIDIA-H100-80GB-HBM3", "A30-24GB": "NVIDIA-A30"}
+
+
+@st.composite
+def nvml_layout_pairs(draw: st.DrawFn) -> tuple[str, GpuGeometry, GpuGeometry]:
+    key = draw(st.sampled_from(sorted(PRODUCTS)))
+    product = load_catalog().products[key]
+    names = [gi.name.with_compute_slices(ci.slices) for gi in product.profiles for ci in gi.compute_profiles]
+
+    def one() -> GpuGeometry:
+        if draw(st.integers(0, 5)) == 0:
+            return DISABLED
+        requests: Counter[MigProfile] = Counter()
+        for name in draw(st.lists(st.sampled_from(names), max_size=5)):
+            requests[name] += 1
+            if not fit(product, requests).fits:
+                requests[name] -= 1
+        geometry = fit(product, +requests).geometry
+        assert geometry is not None
+        return geometry
+
+    return PRODUCTS[key], one(), one()
+
+
+@settings(max_examples=60, deadline=None)
+@given(nvml_layout_pairs())
+def test_planned_changes_applied_through_nvml_read_back_as_desired(
+    pair: tuple[str, GpuGeometry, GpuGeometry],
+) -> None:
+    label, current, wanted = pair
+    access = access_for(label)
+    put(access, 0, current)
+    assert access.geometry(0) == current
+    desired = keep_in_place(wanted, current)
+    outcome = apply_with_rollback(access, plan_gpu(0, current, desired))
+    assert outcome.ok, outcome.reason
+    assert access.geometry(0) == desired
