@@ -20,6 +20,7 @@ from migcore.geometry import GpuGeometry, GpuInstanceSpec
 from migcore.hardware import DiscoveredGpu, NodeGpus
 from migcore.placement import fit
 from migcore.planning import (
+    DevicePlacement,
     NodePlan,
     Operation,
     PlanError,
@@ -194,7 +195,7 @@ def test_mode_changes_reset_only_that_gpu() -> None:
 def test_pods_to_move_are_only_those_on_disturbed_instances() -> None:
     target = keep_in_place(layout("A100-40GB", **{"1g.5gb": 4, "3g.20gb": 1}), BALANCED)
     plan = plan_node({0: BALANCED, 1: BALANCED, 2: DISABLED}, {0: target, 2: SEVEN})
-    pods = {
+    pods: dict[str, DevicePlacement | list[DevicePlacement]] = {
         "on-replaced-2g": (0, 0),
         "on-kept-3g": (0, 4),
         "on-kept-1g": (0, 2),
