@@ -1,0 +1,422 @@
+"""End to end on a real kube-apiserver (devcluster): the real `mig-guard webhook` command
+(gunicorn, TLS) registered with the canonical rules and CEL match conditions of
+`webhook.registration`, driven by the real kubectl binary and API clients.
+
+Each server's registrations carry an objectSelector on a test label, so nodes of other tests
+in the same session never reach it; everything is deregistered at teardown.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+from webhook_harness import TestAuthority, WebhookProcess, served_serial
+
+from devcluster.helpers import (
+    create_gpu_node,
+    delete_webhook,
+    ensure_namespace,
+    register_webhook,
+    service_account_client,
+)
+from devcluster.pytest_plugin import KubectlRunner
+from migcore import keys
+from webhook import registration
+from webhook.config_source import ConfigMapRef
+from webhook.hold_record import HoldRecord
+
+NAMESPACE = "mig-guard-e2e"
+CONFIGMAP = ConfigMapRef(NAMESPACE, "mig-parted-config")
+SCOPE_LABEL = "mig-guard.test/webhook"
+RECONCILER_SA = "reconciler"
+RECONCILER_USER = f"system:serviceaccount:{NAMESPACE}:{RECONCILER_SA}"
+NODE_RULES = [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "patch", "update"]}]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+class Deployment:
+    """A running webhook server plus its registrations, scoped to nodes labelled SCOPE_LABEL=scope."""
+
+    def __init__(self, api: Any, process: WebhookProcess, scope: str, guard: bool) -> None:
+        self.api = api
+        self.process = process
+        self.scope = scope
+        self.names = [f"mig-guard-e2e-{scope}-validate", f"mig-guard-e2e-{scope}-mutate"]
+        selector = {"matchLabels": {SCOPE_LABEL: scope}}
+        common = {"ca_bundle_pem": process.authority.pem, "timeout_seconds": 5, "object_selector": selector}
+        register_webhook(
+            api,
+            "validating",
+            self.names[0],
+            process.url(registration.VALIDATE_PATH),
+            rules=registration.NODE_RULES,
+            match_conditions=registration.node_match_conditions(),
+            webhook_name=registration.NODE_VALIDATOR,
+            **common,
+        )
+        register_webhook(
+            api,
+            "mutating",
+            self.names[1],
+            process.url(registration.MUTATE_PATH),
+            rules=registration.NODE_RULES,
+            match_conditions=registration.node_match_conditions(),
+            reinvocation_policy="IfNeeded",
+            webhook_name=registration.NODE_MUTATOR,
+            **common,
+        )
+        if guard:
+            self.names.append(f"mig-guard-e2e-{scope}-configmap")
+            register_webhook(
+                api,
+                "validating",
+                self.names[2],
+                process.url(registration.VALIDATE_PATH),
+                process.authority.pem,
+                rules=registration.CONFIGMAP_RULES,
+                match_conditions=registration.configmap_match_conditions(CONFIGMAP),
+                webhook_name=registration.CONFIGMAP_GUARD,
+            )
+
+    def node(self, prefix: str, **kwargs: Any) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        labels = {SCOPE_LABEL: self.scope, **kwargs.pop("labels", {})}
+        create_gpu_node(self.api, name, labels=labels, fake=False, **kwargs)
+        return name
+
+    def requests_seen(self) -> float:
+        return self.process.metric("mig_guard_webhook_requests_total")
+
+    def close(self) -> None:
+        for name in self.names:
+            delete_webhook(self.api, "mutating" if name.endswith("mutate") else "validating", name)
+        self.process.stop()
+
+
+def wait_active(kubectl: KubectlRunner, deployment: Deployment) -> None:
+    """The API server picks registrations up asynchronously: probe with a server-side dry run."""
+    probe = deployment.node("probe")
+
+    def active() -> bool:
+        return (
+            kubectl(
+                "label", "node", probe, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gbb", "--dry-run=server"
+            ).returncode
+            != 0
+        )
+
+    wait_for(active, "the webhook registration to take effect")
+
+
+@pytest.fixture(scope="module")
+def default_config_text(default_config_file: Path) -> str:
+    return default_config_file.read_text()
+
+
+@pytest.fixture(scope="module")
+def taint_webhook(
+    k8s_api: Any,
+    kubeconfig: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    authority: TestAuthority,
+    default_config_text: str,
+) -> Iterator[Deployment]:
+    """The webhook in its default mode: the ConfigMap watched through the API, holds by taint."""
+    ensure_namespace(k8s_api, NAMESPACE)
+    core = k8s.CoreV1Api(k8s_api)
+    body = {"metadata": {"name": CONFIGMAP.name}, "data": {"config.yaml": default_config_text}}
+    try:
+        core.create_namespaced_config_map(NAMESPACE, body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        core.replace_namespaced_config_map(CONFIGMAP.name, NAMESPACE, body)
+    process = WebhookProcess(
+        tmp_path_factory.mktemp("webhook-taint"),
+        authority,
+        "--configmap",
+        f"{NAMESPACE}/{CONFIGMAP.name}",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--reconciler-user",
+        RECONCILER_USER,
+    ).start()
+    deployment = Deployment(k8s_api, process, "taint", guard=True)
+    try:
+        yield deployment
+    finally:
+        deployment.close()
+
+
+@pytest.fixture
+def webhook(taint_webhook: Deployment, kubectl: KubectlRunner) -> Deployment:
+    wait_active(kubectl, taint_webhook)
+    return taint_webhook
+
+
+def read_node(api: Any, name: str) -> Any:
+    return k8s.CoreV1Api(api).read_node(name)
+
+
+def our_taints(node: Any) -> list[Any]:
+    return [t for t in (node.spec.taints or []) if t.key == keys.TAINT_KEY]
+
+
+def test_typo_is_rejected_at_kubectl_label(webhook: Deployment, kubectl: KubectlRunner) -> None:
+    name = webhook.node("typo")
+    result = kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gbb")
+    assert result.returncode != 0
+    assert "denied the request" in result.stderr
+    assert (
+        'nvidia.com/mig.config="all-1g.5gbb" is not a config in ConfigMap mig-guard-e2e/mig-parted-config'
+        in result.stderr
+    )
+    assert "did you mean all-1g.5gb" in result.stderr
+    node = read_node(webhook.api, name)
+    assert keys.LABEL_MIG_CONFIG not in node.metadata.labels
+    assert our_taints(node) == []
+
+
+def test_incompatible_layout_is_rejected_with_the_valid_ones(
+    webhook: Deployment, kubectl: KubectlRunner
+) -> None:
+    name = webhook.node("a30", product="NVIDIA-A30", gpu_count=4)
+    result = kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gb")
+    assert result.returncode != 0
+    assert "does not fit node" in result.stderr
+    assert "all-1g.6gb" in result.stderr  # what would fit an A30
+
+
+def test_valid_layout_is_accepted_tainted_and_pending(webhook: Deployment, kubectl: KubectlRunner) -> None:
+    name = webhook.node("valid")
+    result = kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gb")
+    assert result.returncode == 0, result.stderr
+    node = read_node(webhook.api, name)
+    assert node.metadata.labels[keys.LABEL_MIG_STATE] == keys.STATE_PENDING
+    assert [(t.value, t.effect) for t in our_taints(node)] == [("all-1g.5gb", "NoSchedule")]
+    hold = HoldRecord.from_annotation(node.metadata.annotations[keys.ANNOTATION_HOLD])
+    assert hold is not None
+    assert (hold.taint, hold.cordon, hold.config, hold.by) == (True, False, "all-1g.5gb", "webhook")
+    assert not node.spec.unschedulable
+    # A second change re-targets the same taint instead of adding one.
+    assert (
+        kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-7g.40gb", "--overwrite").returncode == 0
+    )
+    assert [t.value for t in our_taints(read_node(webhook.api, name))] == ["all-7g.40gb"]
+
+
+def test_server_side_apply_by_a_gitops_field_manager_gets_the_same_answers(
+    webhook: Deployment, kubectl: KubectlRunner
+) -> None:
+    name = webhook.node("gitops")
+
+    def apply(config: str) -> Any:
+        manifest = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": {keys.LABEL_MIG_CONFIG: config}},
+        }
+        return kubectl(
+            "apply", "--server-side", "--field-manager=argocd", "-f", "-", input=yaml.safe_dump(manifest)
+        )
+
+    denied = apply("all-1g.5gbb")
+    assert denied.returncode != 0
+    assert "did you mean all-1g.5gb" in denied.stderr
+    accepted = apply("all-2g.10gb")
+    assert accepted.returncode == 0, accepted.stderr
+    node = read_node(webhook.api, name)
+    assert node.metadata.labels[keys.LABEL_MIG_STATE] == keys.STATE_PENDING
+    assert [t.value for t in our_taints(node)] == ["all-2g.10gb"]
+    managers = {entry.manager for entry in node.metadata.managed_fields}
+    assert "argocd" in managers
+
+
+def test_server_dry_run_gives_the_verdict_and_changes_nothing(
+    webhook: Deployment, kubectl: KubectlRunner
+) -> None:
+    name = webhook.node("dryrun")
+    before = read_node(webhook.api, name)
+    denied = kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gbb", "--dry-run=server")
+    assert denied.returncode != 0
+    assert "did you mean all-1g.5gb" in denied.stderr
+    accepted = kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gb", "--dry-run=server")
+    assert accepted.returncode == 0, accepted.stderr
+    assert "(server dry run)" in accepted.stdout
+    # The API's dry run (what Argo CD's server-side diff uses) returns the object as it would be.
+    would_be = k8s.CoreV1Api(webhook.api).patch_node(
+        name, {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-1g.5gb"}}}, dry_run="All"
+    )
+    assert would_be.metadata.labels[keys.LABEL_MIG_STATE] == keys.STATE_PENDING
+    assert [t.value for t in our_taints(would_be)] == ["all-1g.5gb"]
+    after = read_node(webhook.api, name)
+    assert after.metadata.resource_version == before.metadata.resource_version
+    assert keys.LABEL_MIG_CONFIG not in after.metadata.labels
+    assert our_taints(after) == []
+
+
+def test_patches_of_other_labels_never_reach_the_webhook(webhook: Deployment, kubectl: KubectlRunner) -> None:
+    name = webhook.node("quiet", labels={keys.LABEL_MIG_CONFIG: "all-1g.5gb"})
+    core = k8s.CoreV1Api(webhook.api)
+    seen = webhook.requests_seen()
+    for i in range(5):
+        core.patch_node(name, {"metadata": {"labels": {"nvidia.com/gfd.timestamp": str(1700000000 + i)}}})
+    core.patch_node(name, {"metadata": {"annotations": {"example.com/note": "x"}}})
+    assert kubectl("label", "node", name, "team=ml").returncode == 0
+    assert kubectl("cordon", name).returncode == 0
+    assert webhook.requests_seen() == seen
+    # ...while a change of the layout does (validate + mutate, at least once each).
+    assert (
+        kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-2g.10gb", "--overwrite").returncode == 0
+    )
+    assert webhook.requests_seen() >= seen + 2
+
+
+def test_only_the_reconciler_may_set_the_state_label(webhook: Deployment) -> None:
+    name = webhook.node("state", labels={keys.LABEL_MIG_CONFIG: "all-1g.5gb"})
+    patch = {"metadata": {"labels": {keys.LABEL_MIG_STATE: keys.STATE_SUCCESS}}}
+    mallory = service_account_client(webhook.api, NAMESPACE, "mallory", NODE_RULES, cluster_wide=True)
+    with pytest.raises(ApiException) as refused:
+        k8s.CoreV1Api(mallory).patch_node(name, patch)
+    assert refused.value.status == 403
+    assert (
+        f"system:serviceaccount:{NAMESPACE}:mallory may not change nvidia.com/mig.config.state"
+        in refused.value.body
+    )
+    # Nor may anyone take mig-guard's taint record or report apart.
+    with pytest.raises(ApiException) as refused_annotation:
+        k8s.CoreV1Api(webhook.api).patch_node(
+            name, {"metadata": {"annotations": {keys.ANNOTATION_REASON: "fine"}}}
+        )
+    assert refused_annotation.value.status == 403
+    reconciler = service_account_client(webhook.api, NAMESPACE, RECONCILER_SA, NODE_RULES, cluster_wide=True)
+    k8s.CoreV1Api(reconciler).patch_node(name, patch)
+    assert read_node(webhook.api, name).metadata.labels[keys.LABEL_MIG_STATE] == keys.STATE_SUCCESS
+
+
+def test_configmap_guard_protects_labelled_nodes(webhook: Deployment, default_config_text: str) -> None:
+    name = webhook.node("guarded")
+    core = k8s.CoreV1Api(webhook.api)
+    core.patch_node(name, {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-3g.20gb"}}})
+
+    def update(text: str) -> None:
+        core.patch_namespaced_config_map(CONFIGMAP.name, NAMESPACE, {"data": {"config.yaml": text}})
+
+    document = yaml.safe_load(default_config_text)
+    without = {
+        **document,
+        "mig-configs": {k: v for k, v in document["mig-configs"].items() if k != "all-3g.20gb"},
+    }
+    with pytest.raises(ApiException) as removed:
+        update(yaml.safe_dump(without))
+    assert removed.value.status == 400
+    assert name in removed.value.body
+    assert "all-3g.20gb removed" in removed.value.body
+    changed = {
+        **document,
+        "mig-configs": {
+            **document["mig-configs"],
+            "all-3g.20gb": [{"devices": "all", "mig-enabled": True, "mig-devices": {"3g.40gb": 2}}],
+        },
+    }
+    with pytest.raises(ApiException) as broken:
+        update(yaml.safe_dump(changed))
+    assert name in broken.value.body
+    assert "no longer fits" in broken.value.body
+    with pytest.raises(ApiException) as unparsable:
+        update("version: v1\nmig-configs: [")
+    assert "does not parse" in unparsable.value.body
+    # Adding a config is fine, and the watch makes it usable without a restart.
+    added = {
+        **document,
+        "mig-configs": {**document["mig-configs"], "team-a": document["mig-configs"]["all-2g.10gb"]},
+    }
+    update(yaml.safe_dump(added))
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            core.patch_node(name, {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "team-a"}}})
+            break
+        except ApiException as exc:
+            assert exc.status == 400 and time.monotonic() < deadline, exc.body
+            time.sleep(0.3)
+    # Removing team-a again is refused while the node uses it; after relabelling it is fine.
+    with pytest.raises(ApiException):
+        update(default_config_text)
+    core.patch_node(name, {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-1g.5gb"}}})
+    update(default_config_text)
+
+
+def test_rotated_certificate_is_used_by_the_api_server_without_restart(
+    webhook: Deployment, kubectl: KubectlRunner
+) -> None:
+    process = webhook.process
+    pid = process.process.pid  # type: ignore[union-attr]
+    new_serial = process.authority.issue(process.cert_file, process.key_file)
+    wait_for(
+        lambda: served_serial(process.host, process.port, process.ca_file) == new_serial,
+        "the new certificate",
+    )
+    name = webhook.node("rotated")
+    result = kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gbb")
+    assert "did you mean all-1g.5gb" in result.stderr
+    assert kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gb").returncode == 0
+    assert process.process.pid == pid and process.process.poll() is None  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def cordon_webhook(
+    k8s_api: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    authority: TestAuthority,
+    default_config_file: Path,
+) -> Iterator[Deployment]:
+    """A second server judging from a local file and holding by cordon."""
+    process = WebhookProcess(
+        tmp_path_factory.mktemp("webhook-cordon"),
+        authority,
+        "--mig-config-file",
+        str(default_config_file),
+        "--hold",
+        "cordon",
+        workers=1,
+    ).start()
+    deployment = Deployment(k8s_api, process, "cordon", guard=False)
+    try:
+        yield deployment
+    finally:
+        deployment.close()
+
+
+def test_cordon_mode_cordons_only_nodes_that_were_schedulable(
+    cordon_webhook: Deployment, kubectl: KubectlRunner
+) -> None:
+    wait_active(kubectl, cordon_webhook)
+    free = cordon_webhook.node("cordon")
+    assert kubectl("label", "node", free, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gb").returncode == 0
+    node = read_node(cordon_webhook.api, free)
+    assert node.spec.unschedulable is True
+    assert node.metadata.labels[keys.LABEL_MIG_STATE] == keys.STATE_PENDING
+    assert our_taints(node) == []
+    assert HoldRecord.from_annotation(node.metadata.annotations[keys.ANNOTATION_HOLD]).cordon is True  # type: ignore[union-attr]
+
+    admin_cordoned = cordon_webhook.node("admin-cordoned")
+    assert kubectl("cordon", admin_cordoned).returncode == 0
+    assert kubectl("label", "node", admin_cordoned, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gb").returncode == 0
+    node = read_node(cordon_webhook.api, admin_cordoned)
+    assert node.spec.unschedulable is True
+    assert HoldRecord.from_annotation(node.metadata.annotations[keys.ANNOTATION_HOLD]).cordon is False  # type: ignore[union-attr]
