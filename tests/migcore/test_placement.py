@@ -17,7 +17,7 @@ import itertools
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from migcore.catalog import Catalog, Product, load_catalog
@@ -208,7 +208,7 @@ def _check_geometry(product: Product, geometry: GpuGeometry) -> None:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_requests())
 def test_every_returned_placement_is_legal(case: tuple[Product, dict[MigProfile, int]]) -> None:
     product, requests = case
@@ -221,7 +221,7 @@ def test_every_returned_placement_is_legal(case: tuple[Product, dict[MigProfile,
         assert result.reason
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_requests(), st.data())
 def test_adding_an_instance_never_makes_a_layout_fit(
     case: tuple[Product, dict[MigProfile, int]], data: st.DataObject
@@ -235,7 +235,7 @@ def test_adding_an_instance_never_makes_a_layout_fit(
     assert not fit(product, bigger).fits
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_requests(), st.randoms())
 def test_fit_does_not_depend_on_request_order(
     case: tuple[Product, dict[MigProfile, int]], rnd: object
@@ -277,10 +277,13 @@ def _brute_force_fits(product: Product, requests: dict[MigProfile, int]) -> bool
     return False
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_requests(gi_only=True))
 def test_search_agrees_with_brute_force(case: tuple[Product, dict[MigProfile, int]]) -> None:
     product, requests = case
-    if sum(requests.values()) > 6:
-        requests = dict(list(requests.items())[:2])
+    while sum(requests.values()) > 5:  # keep the oracle's search small
+        profile = next(iter(requests))
+        requests = {p: c for p, c in requests.items() if p is not profile}
+        if not requests:
+            return
     assert fit(product, requests).fits is _brute_force_fits(product, requests)
