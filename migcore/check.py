@@ -48,6 +48,7 @@ class GpuTarget:
     driver_profiles: Mapping[str, int] | None
 
     def key(self) -> tuple[object, ...]:
+        """Hashable identity of everything a verdict reads from this GPU."""
         profiles = None if self.driver_profiles is None else tuple(sorted(self.driver_profiles.items()))
         product = None if self.product is None else self.product.key
         return (self.index, product, self.name, self.pci_device_id, self.mig_capable, profiles)
@@ -72,6 +73,9 @@ class NodeHardware:
         return self._key
 
     def describe(self) -> str:
+        """The node's GPUs in words, for messages ("NVIDIA-A100-SXM4-40GB x8")."""
+        if not self.gpus:
+            return "a node without GPUs"
         names = list(dict.fromkeys(gpu.name for gpu in self.gpus))
         if not self.gpu_count_known:
             return f"{', '.join(names)} (GPU count unknown)"

@@ -317,3 +317,8 @@ def test_json_carries_the_placement() -> None:
 def test_unknown_label() -> None:
     with pytest.raises(UnknownProductError, match="unknown GPU product"):
         hardware_from_labels(CATALOG, "NVIDIA-GeForce-RTX-4090", 1)
+
+
+def test_a_node_without_gpus() -> None:
+    (error,) = check_config(DEFAULT, "all-disabled", hardware_from_labels(CATALOG, A100, 0)).errors
+    assert error.startswith('config "all-disabled" has no entry for a node without GPUs')
