@@ -47,22 +47,19 @@ def test_report_sets_label_reason_condition_and_event(k8s_api: Any) -> None:
     assert (cond.status, cond.reason) == ("True", "Applied")
     assert state.read().metadata.labels[keys.LABEL_MIG_STATE] == "success"
 
-    events = k8s.EventsV1Api(k8s_api).list_namespaced_event(
-        "default", field_selector=f"regarding.name={state.node_name}"
+    # The core/v1 view of the events.k8s.io Events: what `kubectl describe node` lists.
+    events = k8s.CoreV1Api(k8s_api).list_namespaced_event(
+        "default", field_selector=f"involvedObject.kind=Node,involvedObject.name={state.node_name}"
     )
-    notes = [(e.type, e.reason, e.note, e.reporting_controller) for e in events.items]
+    seen = [(e.type, e.reason, e.message, e.reporting_component) for e in events.items]
+    assert len(seen) == 3
     assert (
         "Warning",
         "Failed",
         "PodDisruptionBudget ml/pdb blocks eviction of pod ml/train-0",
         "mig-guard.io/reconciler",
-    ) in notes
-    assert ("Normal", "Applied", "applied all-1g.5gb", "mig-guard.io/reconciler") in notes
-    # The core/v1 view (what `kubectl describe node` lists) sees them on the Node.
-    core_events = k8s.CoreV1Api(k8s_api).list_namespaced_event(
-        "default", field_selector=f"involvedObject.kind=Node,involvedObject.name={state.node_name}"
-    )
-    assert len(core_events.items) == 3
+    ) in seen
+    assert ("Normal", "Applied", "applied all-1g.5gb", "mig-guard.io/reconciler") in seen
 
 
 def test_patch_metadata_deletes_only_the_given_keys(k8s_api: Any) -> None:

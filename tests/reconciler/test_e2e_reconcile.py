@@ -1,0 +1,95 @@
+"""End to end: the real `mig-guard reconcile` (a subprocess per kwok node, simulated GPUs) on the
+real API server, with no webhook installed. Label changes end in `success` or `failed` with a
+reason, the node usable again either way."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client as k8s
+
+from devcluster.processes import wait_until
+from migcore import keys
+
+GpuNodeFactory = Callable[..., Any]
+
+
+def test_label_change_succeeds_and_moves_only_pods_on_changed_gpus(gpu_node: GpuNodeFactory) -> None:
+    node = gpu_node(gpus=2, initial="all-3g")
+    node.run_pod("stays-gpu0")
+    node.run_pod("moves-gpu1-a")
+    node.run_pod("moves-gpu1-b")
+    node.wait_running({"stays-gpu0", "moves-gpu1-a", "moves-gpu1-b"})
+    node.assign({"stays-gpu0": (0, 4), "moves-gpu1-a": (1, 0), "moves-gpu1-b": (1, 4)})
+    node.start_agent()
+    node.wait_outcome("success", "all-3g applied")  # already applied at start: only reported
+    assert node.pods() == {"stays-gpu0", "moves-gpu1-a", "moves-gpu1-b"}
+
+    stop = threading.Event()
+    recorder = threading.Thread(target=node.record_updates, args=(stop,), daemon=True)
+    recorder.start()
+    node.label("gpu1-7g")
+    reason = node.wait_outcome("success", "gpu1-7g applied")
+    stop.set()
+    assert node.counts() == {0: {"3g.20gb": 2}, 1: {"7g.40gb": 1}}
+    assert node.pods() == {"stays-gpu0"}  # the pod on the untouched GPU kept running
+    assert ("pending", True) in node.seen  # held (tainted) while pending, without any webhook
+    assert not node.held()
+    assert node.operand_label() == "true"
+    wait_until(lambda: node.operand_pods() == 1, 60, what="device plugin back")
+    annotations = node.read().metadata.annotations
+    assert keys.ANNOTATION_PROGRESS not in annotations
+    assert "7g.40gb" in annotations[keys.ANNOTATION_GPUS]
+    assert "GPU 1" in reason
+    events = k8s.CoreV1Api(node.api).list_namespaced_event(
+        "default", field_selector=f"involvedObject.name={node.name},reason=Plan"
+    )
+    plans = [e.message for e in events.items]
+    assert any("moves-gpu1-a" in p and "moves-gpu1-b" in p and "stays-gpu0" not in p for p in plans), plans
+
+
+def test_invalid_config_fails_with_the_check_reason_and_gpus_untouched(gpu_node: GpuNodeFactory) -> None:
+    node = gpu_node(gpus=2, initial="all-3g")
+    node.start_agent()
+    node.wait_outcome("success", "all-3g applied")
+    before = node.geometries()
+    stop = threading.Event()
+    threading.Thread(target=node.record_updates, args=(stop,), daemon=True).start()
+    node.label("too-many-3g")
+    reason = node.wait_outcome("failed", "too-many-3g cannot be applied on this node")
+    stop.set()
+    assert "3g.20gb" in reason
+    assert node.geometries() == before
+    assert any(tainted for _, tainted in node.seen)  # it held the node while judging the config
+    assert not node.held()
+    assert node.operand_label() == "true"
+
+
+def test_pod_disruption_budget_blocks_and_the_node_is_usable_again(gpu_node: GpuNodeFactory) -> None:
+    node = gpu_node(gpus=2, initial="all-3g")
+    node.run_pod("guarded")
+    node.wait_running({"guarded"})
+    node.assign({"guarded": (1, 0)})
+    k8s.PolicyV1Api(node.api).create_namespaced_pod_disruption_budget(
+        node.namespace,
+        {
+            "metadata": {"name": "guarded-pdb"},
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "guarded"}}},
+        },
+    )
+    before = node.geometries()
+    node.start_agent("--eviction-timeout", "3")
+    node.wait_outcome("success", "all-3g applied")
+    node.label("gpu1-7g")
+    reason = node.wait_outcome("failed", "gpu1-7g not applied")
+    assert (
+        f"PodDisruptionBudget {node.namespace}/guarded-pdb blocks eviction of pod {node.namespace}/guarded"
+        in reason
+    )
+    assert node.geometries() == before
+    assert node.pods() == {"guarded"}
+    assert not node.held()
+    assert node.operand_label() == "true"
+    wait_until(lambda: node.operand_pods() == 1, 60, what="device plugin back")
