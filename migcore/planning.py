@@ -111,7 +111,7 @@ class GpuPlan:
         if not self.changes:
             return f"GPU {self.index}: unchanged ({self.current.summary()})"
         counts = self.counts()
-        parts = [f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: OP_NAMES.index(kv[0]))]
+        parts = [f"{n} {name}" for name, n in counts.items()]  # in execution order
         return (
             f"GPU {self.index}: {self.current.summary()} -> {self.desired.summary()} "
             f"({len(self.operations)} operations: {', '.join(parts)})"
@@ -133,21 +133,27 @@ class NodePlan:
     def to_json(self) -> dict[str, Any]:
         return {"gpus": [gpu.to_json() for gpu in self.gpus]}
 
+    def summary(self) -> str:
+        """`2 of 8 GPUs change, 14 operations, 0 GPU resets` (or that nothing changes)."""
+        changed = self.changed
+        if not changed:
+            return f"no change: all {len(self.gpus)} GPUs already match"
+        resets = sum(1 for gpu in changed if gpu.needs_reset)
+        return (
+            f"{len(changed)} of {len(self.gpus)} GPUs change, {len(self.operations)} operations, "
+            f"{resets} GPU reset{'s' if resets != 1 else ''}"
+        )
+
     def describe(self) -> str:
         """Human text for logs and the Event: what changes per GPU, and which GPUs stay."""
         changed = self.changed
         if not changed:
-            return f"no change: all {len(self.gpus)} GPUs already match"
+            return self.summary()
         lines = [gpu.describe() for gpu in changed]
         unchanged = [gpu.index for gpu in self.gpus if not gpu.changes]
-        resets = sum(1 for gpu in changed if gpu.needs_reset)
-        head = (
-            f"{len(changed)} of {len(self.gpus)} GPUs change, {len(self.operations)} operations, "
-            f"{resets} GPU reset{'s' if resets != 1 else ''}"
-        )
         if unchanged:
             lines.append(f"unchanged: GPU {_ranges(unchanged)}")
-        return head + "; " + "; ".join(lines)
+        return self.summary() + "; " + "; ".join(lines)
 
 
 def _ranges(indexes: Sequence[int]) -> str:
