@@ -105,26 +105,23 @@ seccompProfile:
 
 {{/*
 CEL for the Node webhooks: only a create that sets, or an update that changes, nvidia.com/mig.config,
-nvidia.com/mig.config.state or any mig-guard.io/ label or annotation reaches the webhook. Kubelet
-heartbeats and GPU Feature Discovery relabels never do. Keys: migcore/keys.py.
+nvidia.com/mig.config.state or any mig-guard.io/ label or annotation reaches the webhook; kubelet
+heartbeats and GPU Feature Discovery relabels never do. Must equal webhook/registration.py's
+node_match_conditions() (tests/charts/test_chart.py checks it).
 */}}
-{{- define "mig-guard.celWatchedLabel" -}}
-(k == 'nvidia.com/mig.config' || k == 'nvidia.com/mig.config.state' || k.startsWith('mig-guard.io/'))
+{{- define "mig-guard.nodeMatchConditions" -}}
+- name: mig-config-or-protected-key-changes
+  expression: "request.operation == 'CREATE' ? ((has(object.metadata.labels) && object.metadata.labels.exists(k, (k == 'nvidia.com/mig.config' || k == 'nvidia.com/mig.config.state' || k.startsWith('mig-guard.io/')))) || (has(object.metadata.annotations) && object.metadata.annotations.exists(k, k.startsWith('mig-guard.io/')))) : ((has(object.metadata.labels) && object.metadata.labels.exists(k, (k == 'nvidia.com/mig.config' || k == 'nvidia.com/mig.config.state' || k.startsWith('mig-guard.io/')) && !(has(oldObject.metadata.labels) && k in oldObject.metadata.labels && oldObject.metadata.labels[k] == object.metadata.labels[k]))) || (has(oldObject.metadata.labels) && oldObject.metadata.labels.exists(k, (k == 'nvidia.com/mig.config' || k == 'nvidia.com/mig.config.state' || k.startsWith('mig-guard.io/')) && !(has(object.metadata.labels) && k in object.metadata.labels))) || (has(object.metadata.annotations) && object.metadata.annotations.exists(k, k.startsWith('mig-guard.io/') && !(has(oldObject.metadata.annotations) && k in oldObject.metadata.annotations && oldObject.metadata.annotations[k] == object.metadata.annotations[k]))) || (has(oldObject.metadata.annotations) && oldObject.metadata.annotations.exists(k, k.startsWith('mig-guard.io/') && !(has(object.metadata.annotations) && k in object.metadata.annotations))))"
 {{- end -}}
 
-{{- define "mig-guard.nodeMatchExpression" -}}
-{{- $l := include "mig-guard.celWatchedLabel" . -}}
-request.operation == 'CREATE' ?
-  ((has(object.metadata.labels) && object.metadata.labels.exists(k, {{ $l }})) ||
-   (has(object.metadata.annotations) && object.metadata.annotations.exists(k, k.startsWith('mig-guard.io/')))) :
-  ((has(object.metadata.labels) && object.metadata.labels.exists(k, {{ $l }} &&
-      (!has(oldObject.metadata.labels) || !(k in oldObject.metadata.labels) || oldObject.metadata.labels[k] != object.metadata.labels[k]))) ||
-   (has(oldObject.metadata.labels) && oldObject.metadata.labels.exists(k, {{ $l }} &&
-      (!has(object.metadata.labels) || !(k in object.metadata.labels)))) ||
-   (has(object.metadata.annotations) && object.metadata.annotations.exists(k, k.startsWith('mig-guard.io/') &&
-      (!has(oldObject.metadata.annotations) || !(k in oldObject.metadata.annotations) || oldObject.metadata.annotations[k] != object.metadata.annotations[k]))) ||
-   (has(oldObject.metadata.annotations) && oldObject.metadata.annotations.exists(k, k.startsWith('mig-guard.io/') &&
-      (!has(object.metadata.annotations) || !(k in object.metadata.annotations)))))
+{{/* CEL for the ConfigMap guard: the watched ConfigMap deleted or its config key changed
+(webhook/registration.py configmap_match_conditions()). */}}
+{{- define "mig-guard.configMapMatchConditions" -}}
+{{- $key := printf "'%s'" .Values.migPartedConfig.key -}}
+- name: watched-configmap
+  expression: {{ printf "request.namespace == '%s' && request.name == '%s'" (include "mig-guard.configMapNamespace" .) (include "mig-guard.configMapName" .) | quote }}
+- name: config-key-changes
+  expression: {{ printf "request.operation == 'DELETE' || (!has(object.data) || !has(oldObject.data) || !(%s in object.data) || !(%s in oldObject.data) || object.data[%s] != oldObject.data[%s])" $key $key $key $key | quote }}
 {{- end -}}
 
 {{- define "mig-guard.webhookClientConfig" -}}
