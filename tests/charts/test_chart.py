@@ -229,11 +229,8 @@ def test_webhook_rules_and_match_conditions_are_the_canonical_ones(helm: Run, va
         assert ours["name"] == theirs["name"]
         assert ours["rules"] == theirs["rules"]
         assert ours["matchConditions"] == theirs["matchConditions"]
-        assert (
-            ours["clientConfig"]["service"]["path"] == registration.MUTATE_PATH
-            if "mutate" in ours["name"]
-            else registration.VALIDATE_PATH
-        )
+        path = registration.MUTATE_PATH if ".mutate." in ours["name"] else registration.VALIDATE_PATH
+        assert ours["clientConfig"]["service"]["path"] == path
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
