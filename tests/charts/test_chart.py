@@ -40,6 +40,7 @@ VARIANTS: dict[str, list[str]] = {
         "--set=certs.rsaBits=3072",
         "--set=certs.renewal.enabled=false",
         "--set=reconciler.privileged=false",
+        "--set=reconciler.rebootEnabled=true",
     ],
 }
 
