@@ -19,6 +19,8 @@ from kubernetes.client import ApiException
 HTTP_NOT_FOUND = 404
 HTTP_UNPROCESSABLE = 422
 PATCH_RETRIES = 5
+#: Shown in managedFields (Argo CD `managedFieldsManagers`).
+FIELD_MANAGER = "mig-guard-certs"
 
 
 class Kind(Enum):
@@ -79,9 +81,9 @@ class CABundlePatcher:
 
     def _send(self, kind: Kind, name: str, ops: list[dict[str, Any]]) -> None:
         if kind is Kind.VALIDATING:
-            self._api.patch_validating_webhook_configuration(name, ops)
+            self._api.patch_validating_webhook_configuration(name, ops, field_manager=FIELD_MANAGER)
         else:
-            self._api.patch_mutating_webhook_configuration(name, ops)
+            self._api.patch_mutating_webhook_configuration(name, ops, field_manager=FIELD_MANAGER)
 
     def _patch_one(self, kind: Kind, name: str, bundle_b64: str) -> PatchResult:
         for _ in range(PATCH_RETRIES):

@@ -18,6 +18,8 @@ SECRET_TYPE_TLS = "kubernetes.io/tls"  # noqa: S105 - a Secret type, not a passw
 HTTP_NOT_FOUND = 404
 HTTP_CONFLICT = 409
 CONFLICT_RETRIES = 5
+#: Shown in managedFields, so GitOps tools can ignore what `mig-guard certs` owns.
+FIELD_MANAGER = "mig-guard-certs"
 
 
 class WriteResult(Enum):
@@ -68,7 +70,7 @@ class SecretStore:
                     data=_encode(data),
                 )
                 try:
-                    self._core.create_namespaced_secret(self.namespace, body)
+                    self._core.create_namespaced_secret(self.namespace, body, field_manager=FIELD_MANAGER)
                 except ApiException as exc:
                     if exc.status == HTTP_CONFLICT:  # created meanwhile by a parallel run: update it
                         continue
@@ -87,7 +89,9 @@ class SecretStore:
             secret.metadata.labels = wanted_labels
             try:
                 # replace carries the resourceVersion we read: a concurrent writer makes it fail (409).
-                self._core.replace_namespaced_secret(name, self.namespace, secret)
+                self._core.replace_namespaced_secret(
+                    name, self.namespace, secret, field_manager=FIELD_MANAGER
+                )
             except ApiException as exc:
                 if exc.status == HTTP_CONFLICT:
                     continue

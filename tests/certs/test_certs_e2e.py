@@ -127,6 +127,14 @@ def test_certs_lifecycle_on_the_api_server(cluster: Any, kubeconfig: Path, tmp_p
     assert subject_alt_names(leaf.cert) == {*service_dns_names(SERVICE, NAMESPACE), "127.0.0.1"}
     assert fingerprint(ca_cert) in first.stdout and leaf.fingerprint in first.stdout
     assert ca_bundles(cluster) == [stored["ca.crt"]] * 3  # every webhook of both configurations
+    # Attributed to its own field manager, which GitOps tools can be told to ignore.
+    managers = {f.manager for f in serving.metadata.managed_fields}
+    assert managers == {"mig-guard-certs"}
+    admission: Any = k8s.AdmissionregistrationV1Api(cluster)
+    webhook_managers = {
+        f.manager for f in admission.read_validating_webhook_configuration(CONFIG).metadata.managed_fields
+    }
+    assert "mig-guard-certs" in webhook_managers
     # The CA's key stays out of the Secret that the webhook pods mount.
     ca_secret = data(cluster, SECRET + "-ca")
     assert load_certified_key(ca_secret["tls.crt"], ca_secret["tls.key"]).cert == ca_cert
