@@ -46,7 +46,7 @@ STAMP = ".complete.json"
 
 HOW_TO_GET = (
     "Build them with `make binaries` (= `python -m devcluster.binaries ensure`; needs Go >= 1.25 and npm, "
-    "about 6-10 min cold on 2 cores, cached afterwards), or point KUBEBUILDER_ASSETS at a directory that holds "
+    "about 6-12 min cold on 2 cores, cached afterwards), or point KUBEBUILDER_ASSETS at a directory that holds "
     "them, or MIG_GUARD_BIN_DIR at a directory built earlier."
 )
 
