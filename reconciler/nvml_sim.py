@@ -885,6 +885,10 @@ class SimulatedNvml:
     def simPciDeviceIds(self) -> list[str]:
         return [format_pci_device_id(self._product(g).pci_device_ids[0]) for g in self._gpus]
 
+    def set_latency(self, spec: str | None) -> None:
+        """Replace the latency model (`default=0.002,fn=0.5`), e.g. after setting up a scenario."""
+        self._latency = parse_latency_spec(spec)
+
     def call_count(self, name: str) -> int:
         return self._counts.get(name, 0)
 

@@ -233,6 +233,9 @@ def test_latency_is_charged_per_call() -> None:
         nvml.nvmlDeviceGetCount()
     nvml.nvmlDeviceGetHandleByIndex(0)
     assert nvml.simulated_seconds == pytest.approx(0.03)
+    nvml.set_latency("default=0.005")
+    nvml.nvmlDeviceGetCount()
+    assert nvml.simulated_seconds == pytest.approx(0.035)
 
 
 def test_calls_before_init_fail_like_nvml() -> None:
