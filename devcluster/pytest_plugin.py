@@ -8,6 +8,7 @@ Fixtures:
 * ``k8s_api``: its admin ``kubernetes.client.ApiClient``; ``kubeconfig``: the admin kubeconfig path;
 * ``workload_plane`` (session): the same plane with the full controller manager, kube-scheduler and
   kwok started (lazily, on first use);
+* ``user_client``: ``user_client(cn, groups=())`` -> ApiClient with a client certificate for that user;
 * ``kubectl``: a function running the kubectl binary against the admin kubeconfig, returning a
   ``subprocess.CompletedProcess[str]``.
 
@@ -32,7 +33,7 @@ from devcluster.controlplane import ControlPlane
 KubectlRunner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 _plane_key = pytest.StashKey[ControlPlane]()
-CLUSTER_FIXTURES = {"control_plane", "k8s_api", "kubeconfig", "workload_plane", "kubectl"}
+CLUSTER_FIXTURES = {"control_plane", "k8s_api", "kubeconfig", "workload_plane", "kubectl", "user_client"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -108,6 +109,13 @@ def k8s_api(control_plane: ControlPlane) -> Any:
 @pytest.fixture(scope="session")
 def kubeconfig(control_plane: ControlPlane) -> Path:
     return control_plane.kubeconfig_path
+
+
+@pytest.fixture(scope="session")
+def user_client(control_plane: ControlPlane) -> Callable[..., Any]:
+    """``user_client(cn, groups=())`` -> ApiClient authenticating with a client certificate for that
+    user and groups, signed by the cluster CA."""
+    return control_plane.user_client
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,10 @@ def test_service_account_without_rights_is_refused(k8s_api: Any) -> None:
     assert exc.value.status == 403
 
 
-def test_user_client_certificate(control_plane: ControlPlane, kubectl: KubectlRunner) -> None:
-    alice = control_plane.user_client("alice", ["mig-guard:testers"])
+def test_user_client_certificate(
+    control_plane: ControlPlane, user_client: Callable[..., Any], kubectl: KubectlRunner
+) -> None:
+    alice = user_client("alice", ["mig-guard:testers"])
     with pytest.raises(ApiException) as exc:
         k8s.CoreV1Api(alice).list_node()
     assert exc.value.status == 403
