@@ -66,16 +66,17 @@ class Operation:
             enabled=raw.get("enabled"),
         )
 
-    def describe(self) -> str:
+    def describe(self, with_gpu: bool = True) -> str:
         """`create-gi 3g.20gb@4 on GPU 0`: the wording used in reasons and logs."""
+        on = f" on GPU {self.gpu}" if with_gpu else ""
         if self.op == "set-mig-mode":
-            return f"set-mig-mode {'enabled' if self.enabled else 'disabled'} on GPU {self.gpu}"
+            return f"set-mig-mode {'enabled' if self.enabled else 'disabled'}{on}"
         if self.op == "reset-gpu":
-            return f"reset-gpu on GPU {self.gpu}"
+            return f"reset-gpu{on}"
         where = f"{self.profile}@{self.start}"
         if self.gi_start is not None:
             where += f" in GI@{self.gi_start}"
-        return f"{self.op} {where} on GPU {self.gpu}"
+        return f"{self.op} {where}{on}"
 
 
 @dataclass(frozen=True)

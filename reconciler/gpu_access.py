@@ -69,9 +69,10 @@ class _GiRecord:
     compute: tuple[tuple[Any, int, ComputeInstanceSpec], ...]  # (handle, CI id, spec)
 
 
-def reset_gpu_with_nvidia_smi(index: int) -> None:
-    """The real GPU reset: NVML has no reset call, mig-parted also runs `nvidia-smi -r`."""
-    done = subprocess.run(["nvidia-smi", "-r", "-i", str(index)], capture_output=True, text=True, check=False)
+def reset_gpu_with_nvidia_smi(bus_id: str) -> None:
+    """The real GPU reset: NVML has no reset call; like mig-parted, `nvidia-smi -r` by PCI bus id
+    (an index could name another GPU if enumeration order differs between NVML and nvidia-smi)."""
+    done = subprocess.run(["nvidia-smi", "-r", "-i", bus_id], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError((done.stdout + done.stderr).strip() or f"nvidia-smi -r exited {done.returncode}")
 
@@ -88,7 +89,7 @@ class GpuAccess:
         self.nvml = nvml
         self._catalog = catalog or load_catalog()
         if reset_gpu is None:
-            reset_gpu = getattr(nvml, "simResetGpu", None) or reset_gpu_with_nvidia_smi
+            reset_gpu = getattr(nvml, "simResetGpu", None) or self._reset_by_bus_id
         self._reset_gpu = reset_gpu
         self._products: dict[int, Product | None] = {}
         self._gi_infos: dict[int, dict[int, Any]] = {}  # GPU -> NVML GI profile constant -> info
@@ -103,13 +104,17 @@ class GpuAccess:
     def stop(self) -> None:
         self._call(None, "shut NVML down", self.nvml.nvmlShutdown)
 
+    def _reset_by_bus_id(self, index: int) -> None:
+        pci = self._call(index, "read the PCI bus id", self.nvml.nvmlDeviceGetPciInfo, self._handle(index))
+        reset_gpu_with_nvidia_smi(str(pci.busId))
+
     def _call(self, gpu: int | None, step: Operation | str, fn: Callable[..., Any], *args: Any) -> Any:
         """Call NVML; turn its error into a GpuError naming the GPU and the step."""
         try:
             return fn(*args)
         except self.nvml.NVMLError as exc:
             name = nvml_error_name(exc)
-            what = step.describe() if isinstance(step, Operation) else step
+            what = step.describe(with_gpu=gpu is None) if isinstance(step, Operation) else step
             where = "" if gpu is None else f"GPU {gpu}: "
             raise GpuError(
                 f"{where}{what} failed: NVML {fn.__name__} returned {name} ({exc})",
@@ -410,7 +415,7 @@ class GpuAccess:
             status = int(self._call(index, op, nvml.nvmlDeviceSetMigMode, handle, mode))
             if status == nvml.NVML_ERROR_RESET_REQUIRED:
                 raise GpuError(
-                    f"GPU {index}: {op.describe()} needs a reboot to take effect (activation status ResetRequired)",
+                    f"GPU {index}: {op.describe(with_gpu=False)} needs a reboot to take effect (activation status ResetRequired)",
                     gpu=index,
                     operation=op,
                     nvml_error="ResetRequired",
@@ -418,7 +423,7 @@ class GpuAccess:
             if status not in (nvml.NVML_SUCCESS,):
                 name = nvml_error_name(nvml.NVMLError(status))
                 raise GpuError(
-                    f"GPU {index}: {op.describe()} was not activated (activation status {name})",
+                    f"GPU {index}: {op.describe(with_gpu=False)} was not activated (activation status {name})",
                     gpu=index,
                     operation=op,
                     nvml_error=name,
@@ -446,7 +451,7 @@ class GpuAccess:
                     self._call(index, op, nvml.nvmlComputeInstanceDestroy, ci)
                     return
             raise GpuError(
-                f"GPU {index}: {op.describe()}: no such compute instance",
+                f"GPU {index}: {op.describe(with_gpu=False)}: no such compute instance",
                 gpu=index,
                 operation=op,
                 nvml_error="NotFound",
@@ -465,7 +470,7 @@ class GpuAccess:
             if self._profile_name(index, const, info) == profile:
                 return const, info
         raise GpuError(
-            f"GPU {index}: {op.describe()}: the driver offers no {profile} profile",
+            f"GPU {index}: {op.describe(with_gpu=False)}: the driver offers no {profile} profile",
             gpu=index,
             operation=op,
             nvml_error="NotSupported",
@@ -502,7 +507,7 @@ class GpuAccess:
         if size is None:
             starts = ", ".join(str(s) for s in sorted(self._placements[key]))
             raise GpuError(
-                f"GPU {index}: {op.describe()}: {op.profile} can only start at {starts}",
+                f"GPU {index}: {op.describe(with_gpu=False)}: {op.profile} can only start at {starts}",
                 gpu=index,
                 operation=op,
                 nvml_error="InvalidArgument",
@@ -522,7 +527,7 @@ class GpuAccess:
             if record.start == start and record.profile == gi_profile:
                 return record
         raise GpuError(
-            f"GPU {index}: {op.describe()}: no {gi_profile} GPU instance at {start}",
+            f"GPU {index}: {op.describe(with_gpu=False)}: no {gi_profile} GPU instance at {start}",
             gpu=index,
             operation=op,
             nvml_error="NotFound",
@@ -543,7 +548,7 @@ class GpuAccess:
             info = next((i for i in infos.values() if int(i.sliceCount) == profile.compute_slices), None)
         if info is None:
             raise GpuError(
-                f"GPU {index}: {op.describe()}: the GPU instance offers no {profile.compute_slices}-slice compute profile",
+                f"GPU {index}: {op.describe(with_gpu=False)}: the GPU instance offers no {profile.compute_slices}-slice compute profile",
                 gpu=index,
                 operation=op,
                 nvml_error="NotSupported",

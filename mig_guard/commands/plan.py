@@ -63,7 +63,7 @@ def _print_text(plan: NodePlan, source: str, target: str) -> None:
     for gpu in plan.changed:
         print(gpu.describe())
         for op in gpu.operations:
-            print(f"  {op.describe().removesuffix(f' on GPU {gpu.index}')}")
+            print(f"  {op.describe(with_gpu=False)}")
 
 
 def run(args: argparse.Namespace) -> int:

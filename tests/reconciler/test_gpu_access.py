@@ -119,7 +119,9 @@ def test_errors_name_the_gpu_the_step_and_the_nvml_error() -> None:
     error = caught.value
     assert (error.gpu, error.nvml_error) == (0, "InUse")
     assert error.operation == "destroy-ci 2g.10gb@0 in GI@0 on GPU 0"
-    assert str(error).startswith("GPU 0: destroy-ci 2g.10gb@0 in GI@0 on GPU 0 failed: NVML")
+    assert str(error).startswith(
+        "GPU 0: destroy-ci 2g.10gb@0 in GI@0 failed: NVML nvmlComputeInstanceDestroy returned InUse"
+    )
     assert isinstance(error.__cause__, pynvml.NVMLError_InUse)
 
 
