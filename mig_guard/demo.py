@@ -1,0 +1,393 @@
+"""`mig-guard demo`: the whole product on one machine, with no GPU and no cluster.
+
+It starts a real control plane (devcluster: etcd, kube-apiserver, controller-manager, scheduler,
+kwok), the real webhook (`mig-guard webhook`, gunicorn over TLS, registered with a caBundle) and
+one real reconciler per simulated GPU node (`mig-guard reconcile --gpu-backend simulated`), then
+plays a short script with the real kubectl: a typo rejected, an incompatible layout rejected, a
+valid layout applied (pending, then success, and the resulting geometry). It then stays up for the
+user to try kubectl until Ctrl-C, and cleans everything up on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TextIO
+
+from kubernetes import client as k8s
+
+from certs.authority import generate_ca, issue_serving_cert
+from devcluster import binaries
+from devcluster.controlplane import ControlPlane, free_port
+from devcluster.helpers import create_gpu_node, ensure_namespace
+from migcore import keys
+from migcore.hardware import NodeGpus
+from webhook.config_source import ConfigMapRef
+from webhook.registration import (
+    MUTATE_PATH,
+    VALIDATE_PATH,
+    mutating_configuration,
+    url_client_config,
+    validating_configuration,
+)
+
+CONFIGMAP = ConfigMapRef("gpu-operator", "default-mig-parted-config", "config.yaml")
+RECONCILER_USER = "system:serviceaccount:mig-guard:reconciler"
+WEBHOOK_CONFIG_NAME = "mig-guard"
+
+
+@dataclass(frozen=True)
+class DemoNode:
+    name: str
+    product: str
+    gpus: int
+
+
+NODES = (
+    DemoNode("gpu-a100", "NVIDIA-A100-SXM4-40GB", 8),
+    DemoNode("gpu-h100", "NVIDIA-H100-80GB-HBM3", 8),
+    DemoNode("gpu-a30", "NVIDIA-A30", 4),
+)
+
+# The reconciler's rights, as in the chart (charts/mig-guard/templates/reconciler/rbac.yaml).
+RECONCILER_RULES = [
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+
+
+class DemoError(RuntimeError):
+    """The demo could not go on; the message says which step and why."""
+
+
+@dataclass
+class Output:
+    """Progress lines for a person: numbered steps, indented details, nothing else."""
+
+    stream: TextIO = sys.stdout
+    started: float = field(default_factory=time.monotonic)
+
+    def step(self, text: str) -> None:
+        self.stream.write(f"[{time.monotonic() - self.started:6.1f}s] {text}\n")
+        self.stream.flush()
+
+    def detail(self, text: str) -> None:
+        for line in text.rstrip().splitlines():
+            self.stream.write(f"           {line}\n")
+        self.stream.flush()
+
+
+class Demo:
+    """Owns every process it starts; `close()` stops them all (also on errors and Ctrl-C)."""
+
+    def __init__(self, out: Output, workdir: Path, webhook_workers: int = 1) -> None:
+        self.out = out
+        self.workdir = workdir
+        self.webhook_workers = webhook_workers
+        self.plane: ControlPlane | None = None
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.mig_guard = [sys.executable, "-m", "mig_guard.cli"]
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        for _, proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+        for name, proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.out.detail(f"{name} did not stop in 10s; killing it")
+                proc.kill()
+                proc.wait(timeout=10)
+        self.processes.clear()
+        if self.plane is not None:
+            self.plane.stop()
+            self.plane = None
+
+    @property
+    def api(self) -> Any:
+        assert self.plane is not None
+        return self.plane.api
+
+    def _spawn(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child process
+        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append((name, proc))
+        return proc
+
+    def _check_alive(self) -> None:
+        for name, proc in self.processes:
+            if proc.poll() is not None:
+                tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise DemoError(f"{name} exited with status {proc.returncode}:\n{tail}")
+
+    def _wait(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if condition():
+                return
+            time.sleep(0.2)
+        raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    # --- setting up -----------------------------------------------------------------------------
+    def start_control_plane(self) -> None:
+        report = binaries.ensure()
+        self.out.detail(f"binaries: {report.directory}")
+        self.plane = ControlPlane(workdir=self.workdir / "cluster", keep_dir=True, workloads=True)
+        self.plane.start()
+        self.out.detail(f"kube-apiserver {self.plane.server_url}, logs in {self.plane.log_dir}")
+
+    def publish_config(self) -> None:
+        text = resources.files("migcore").joinpath("data/default-mig-parted-config.yaml").read_text()
+        ensure_namespace(self.api, CONFIGMAP.namespace)
+        body = {"metadata": {"name": CONFIGMAP.name}, "data": {CONFIGMAP.key: text}}
+        core: Any = k8s.CoreV1Api(self.api)
+        core.create_namespaced_config_map(CONFIGMAP.namespace, body)
+
+    def grant_reconciler(self) -> Path:
+        rbac: Any = k8s.RbacAuthorizationV1Api(self.api)
+        rbac.create_cluster_role({"metadata": {"name": "mig-guard-reconciler"}, "rules": RECONCILER_RULES})
+        rbac.create_cluster_role_binding(
+            {
+                "metadata": {"name": "mig-guard-reconciler"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": "mig-guard-reconciler",
+                },
+                "subjects": [
+                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": RECONCILER_USER}
+                ],
+            }
+        )
+        assert self.plane is not None
+        return self.plane.write_user_kubeconfig(RECONCILER_USER)
+
+    def start_webhook(self) -> None:
+        assert self.plane is not None
+        now = dt.datetime.now(dt.UTC)
+        ca = generate_ca("mig-guard-demo-ca", now, dt.timedelta(days=1))
+        leaf = issue_serving_cert(ca, ["localhost", "127.0.0.1"], now, dt.timedelta(days=1))
+        tls = self.workdir / "tls"
+        tls.mkdir(exist_ok=True)
+        (tls / "ca.crt").write_bytes(ca.cert_pem())
+        (tls / "tls.crt").write_bytes(leaf.cert_pem())
+        key_file = tls / "tls.key"
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(leaf.key_pem())
+        port = free_port()
+        self._spawn(
+            "webhook",
+            [
+                *self.mig_guard, "webhook",
+                "--listen", f"127.0.0.1:{port}",
+                "--tls-cert-file", str(tls / "tls.crt"),
+                "--tls-key-file", str(key_file),
+                "--configmap", f"{CONFIGMAP.namespace}/{CONFIGMAP.name}",
+                "--configmap-key", CONFIGMAP.key,
+                "--kubeconfig", str(self.plane.kubeconfig_path),
+                "--reconciler-user", RECONCILER_USER,
+                "--workers", str(self.webhook_workers),
+            ],
+        )  # fmt: skip
+        context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(
+                    f"https://127.0.0.1:{port}/readyz", context=context, timeout=2
+                ) as r:
+                    return bool(r.status == 200)
+            except (OSError, ValueError):
+                return False
+
+        self._wait(ready, 60, "the webhook to be ready")
+        base = f"https://127.0.0.1:{port}"
+        admission: Any = k8s.AdmissionregistrationV1Api(self.api)
+        admission.create_validating_webhook_configuration(
+            validating_configuration(
+                WEBHOOK_CONFIG_NAME, url_client_config(base + VALIDATE_PATH, ca.cert_pem()), CONFIGMAP
+            )
+        )
+        admission.create_mutating_webhook_configuration(
+            mutating_configuration(WEBHOOK_CONFIG_NAME, url_client_config(base + MUTATE_PATH, ca.cert_pem()))
+        )
+        self.out.detail(f"webhook on {base} (gunicorn, TLS), registered for Nodes and the ConfigMap")
+
+    def start_nodes(self, reconciler_kubeconfig: Path) -> None:
+        core: Any = k8s.CoreV1Api(self.api)
+        for node in NODES:
+            create_gpu_node(self.api, node.name, product=node.product, gpu_count=node.gpus)
+            self._spawn(
+                f"reconciler-{node.name}",
+                [
+                    *self.mig_guard, "reconcile",
+                    "--node-name", node.name,
+                    "--kubeconfig", str(reconciler_kubeconfig),
+                    "--gpu-backend", "simulated",
+                    "--simulated-gpus", f"{node.product}:{node.gpus}",
+                    "--simulated-state-file", str(self.workdir / f"gpus-{node.name}.json"),
+                    "--simulated-latency", "default=0.005,nvmlDeviceSetMigMode=0.2",
+                    "--configmap", f"{CONFIGMAP.namespace}/{CONFIGMAP.name}",
+                    "--configmap-key", CONFIGMAP.key,
+                    "--podresources-socket", str(self.workdir / f"{node.name}-no-kubelet.sock"),
+                    "--resync-seconds", "60",
+                ],
+            )  # fmt: skip
+
+        def reported(name: str) -> Callable[[], bool]:
+            def check() -> bool:
+                annotations = core.read_node(name).metadata.annotations or {}
+                return keys.ANNOTATION_GPUS in annotations
+
+            return check
+
+        for node in NODES:
+            self._wait(reported(node.name), 90, f"the reconciler on {node.name} to report its GPUs")
+            self.out.detail(f"{node.name}: {node.gpus} x {node.product}, reconciler running (simulated NVML)")
+
+    # --- the script -----------------------------------------------------------------------------
+    def kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        assert self.plane is not None
+        argv = [str(self.plane.binary("kubectl")), "--kubeconfig", str(self.plane.kubeconfig_path), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    def show_kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        self.out.detail("$ kubectl " + " ".join(args))
+        result = self.kubectl(*args)
+        self.out.detail(result.stdout + result.stderr)
+        return result
+
+    def node_state(self, name: str) -> tuple[str | None, str | None, bool]:
+        node: Any = k8s.CoreV1Api(self.api).read_node(name)
+        labels = node.metadata.labels or {}
+        annotations = node.metadata.annotations or {}
+        tainted = any(t.key == keys.TAINT_KEY for t in node.spec.taints or [])
+        return labels.get(keys.LABEL_MIG_STATE), annotations.get(keys.ANNOTATION_REASON), tainted
+
+    def geometry_lines(self, name: str) -> list[str]:
+        node: Any = k8s.CoreV1Api(self.api).read_node(name)
+        report = NodeGpus.from_annotation((node.metadata.annotations or {})[keys.ANNOTATION_GPUS])
+        lines = []
+        for gpu in report.gpus:
+            summary = gpu.geometry.summary() if gpu.geometry is not None else "unknown"
+            lines.append(f"GPU {gpu.index}: {summary}")
+        return lines
+
+    def play(self) -> None:
+        a100, a30 = NODES[0].name, NODES[2].name
+        self.out.step(f"1. A typo is rejected at write time: {a100} gets 'all-1g.5gbb'")
+        typo = self.show_kubectl("label", "node", a100, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gbb")
+        if typo.returncode == 0:
+            raise DemoError("the typo was accepted: the webhook did not answer")
+
+        self.out.step(f"2. A layout the GPU cannot hold is rejected: {a30} (A30) gets 'all-3g.20gb'")
+        wrong = self.show_kubectl("label", "node", a30, f"{keys.LABEL_MIG_CONFIG}=all-3g.20gb")
+        if wrong.returncode == 0:
+            raise DemoError("the incompatible layout was accepted")
+
+        self.out.step("3. --dry-run=server gives the verdict and stores nothing")
+        self.show_kubectl("label", "node", a100, f"{keys.LABEL_MIG_CONFIG}=all-balanced", "--dry-run=server")
+
+        self.out.step(f"4. A valid layout is applied: {a100} gets 'all-balanced'")
+        ok = self.show_kubectl("label", "node", a100, f"{keys.LABEL_MIG_CONFIG}=all-balanced")
+        if ok.returncode != 0:
+            raise DemoError("the valid layout was rejected")
+        state, reason, tainted = self.node_state(a100)
+        self.out.detail(f"right after the write: state={state}, tainted={tainted}, reason: {reason}")
+        seen: list[str] = [state or ""]
+
+        def settled() -> bool:
+            state, _, _ = self.node_state(a100)
+            if state and state != seen[-1]:
+                seen.append(state)
+            return state in (keys.STATE_SUCCESS, keys.STATE_FAILED)
+
+        self._wait(settled, 120, f"{a100} to finish reconfiguring")
+        state, reason, tainted = self.node_state(a100)
+        self.out.detail(f"states seen: {' -> '.join(s for s in seen if s)}")
+        self.out.detail(f"now: state={state}, tainted={tainted}, reason: {reason}")
+        if state != keys.STATE_SUCCESS:
+            raise DemoError(f"{a100} ended in {state}: {reason}")
+        self.out.step(f"5. The geometry on {a100} now")
+        self.out.detail("\n".join(self.geometry_lines(a100)))
+
+
+@contextlib.contextmanager
+def _interrupts_as_exceptions() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C, so `finally` blocks run and every process is stopped."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_demo(wait: bool = True, keep: bool = False, out: Output | None = None) -> int:
+    """Run the demo; returns the exit status. `wait=False` ends after the script (for tests/CI)."""
+    out = out or Output()
+    workdir = Path(tempfile.mkdtemp(prefix="mig-guard-demo-"))
+    demo = Demo(out, workdir)
+    status = 0
+    with _interrupts_as_exceptions():
+        try:
+            out.step(
+                "Starting a local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok)"
+            )
+            demo.start_control_plane()
+            out.step("Publishing the GPU Operator's default mig-parted config as a ConfigMap")
+            demo.publish_config()
+            out.step("Starting the mig-guard webhook")
+            demo.start_webhook()
+            out.step("Creating GPU nodes and a reconciler for each (simulated GPUs)")
+            demo.start_nodes(demo.grant_reconciler())
+            demo.play()
+            assert demo.plane is not None
+            out.step("Scripted part done. The cluster stays up; try it:")
+            out.detail(f"export KUBECONFIG={demo.plane.kubeconfig_path}")
+            out.detail(f"export PATH={demo.plane.binary('kubectl').parent}:$PATH")
+            out.detail("kubectl get nodes -L nvidia.com/mig.config,nvidia.com/mig.config.state")
+            out.detail("kubectl label node gpu-h100 nvidia.com/mig.config=all-1g.10gb --overwrite")
+            out.detail("kubectl describe node gpu-h100   # MIGConfigReady condition and events")
+            if wait:
+                out.detail("Press Ctrl-C to stop and clean up.")
+                threading.Event().wait()
+        except KeyboardInterrupt:
+            out.step("Interrupted")
+        except DemoError as exc:
+            out.step(f"Demo failed: {exc}")
+            out.detail(f"logs are in {workdir}")
+            keep = True
+            status = 1
+        finally:
+            out.step("Stopping everything")
+            demo.close()
+            if keep:
+                out.detail(f"kept {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+    return status

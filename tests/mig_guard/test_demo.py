@@ -1,0 +1,38 @@
+"""`mig-guard demo` end to end: the README's run command, scripted part only (`--no-wait`)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.cluster
+@pytest.mark.workloads
+def test_demo_shows_rejections_and_a_successful_change_then_cleans_up() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mig_guard.cli", "demo", "--no-wait"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    # 1. the typo is refused by the API server, with suggestions
+    assert 'denied the request: nvidia.com/mig.config="all-1g.5gbb" is not a config' in out
+    assert "did you mean all-1g.5gb" in out
+    # 2. the A30 cannot hold 3g.20gb, and the message says what it has
+    assert "3g.20gb does not exist on A30-24GB" in out
+    # 3. dry run: accepted and nothing stored (step 4 then sees a fresh change)
+    assert "node/gpu-a100 labeled (server dry run)" in out
+    # 4. pending and tainted right after the write, success with the taint gone at the end
+    assert "right after the write: state=pending, tainted=True" in out
+    assert "now: state=success, tainted=False" in out
+    # 5. the geometry all-balanced asks for, on all 8 GPUs
+    geometry = re.findall(r"GPU \d: (.*)", out)
+    assert geometry == ["2g.10gb@0, 1g.5gb@2, 1g.5gb@3, 3g.20gb@4"] * 8, out
+    assert "export KUBECONFIG=" in out
+    assert "Stopping everything" in out
