@@ -74,7 +74,8 @@ def api_client(kubeconfig: Path | None) -> Any:
     return k8s.ApiClient()
 
 
-def _request(args: argparse.Namespace) -> Request:
+def request_from_args(args: argparse.Namespace) -> Request:
+    """The provisioning request the flags describe; ValueError for inconsistent lifetimes."""
     days = dt.timedelta(days=1)
     policy = Policy(
         leaf_validity=args.validity_days * days,
@@ -97,7 +98,7 @@ def _request(args: argparse.Namespace) -> Request:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        request = _request(args)
+        request = request_from_args(args)
     except ValueError as exc:
         print(f"mig-guard certs: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ ConfigMap writes the webhook configurations send to the webhook (matchConditions
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -16,8 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
+from certs.ca_bundle import CABundlePatcher
+from certs.provision import provision
+from certs.rotation import Action
+from certs.secret_store import SecretStore
 from devcluster import binaries
+from devcluster.helpers import service_account_client
 from mig_guard.cli import build_parser
+from mig_guard.commands.certs import request_from_args
 from migcore import keys
 from webhook import registration
 from webhook.config_source import ConfigMapRef
@@ -457,6 +464,33 @@ def test_the_webhook_identity_reads_its_configmap_the_way_the_code_does(kubectl:
     unselected = kubectl("get", "configmaps", "-n", NAMESPACE, as_webhook)
     assert unselected.returncode != 0
     assert "forbidden" in unselected.stderr
+
+
+def test_the_certs_job_does_its_work_with_exactly_its_own_permissions(
+    helm: Run, k8s_api: Any, kubectl: Run, release: str
+) -> None:
+    """The renewal CronJob's command line, run as its ServiceAccount (a real token, no admin rights):
+    first as on install (Secrets created, caBundles patched), then again (nothing to do)."""
+    docs = render(helm, namespace=NAMESPACE, release=release)
+    cron = one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    request = request_from_args(build_parser().parse_args(cron["containers"][0]["args"]))
+    as_certs_job = service_account_client(k8s_api, NAMESPACE, cron["serviceAccountName"])
+    store, patcher = SecretStore(as_certs_job, NAMESPACE), CABundlePatcher(as_certs_job)
+    first = provision(request, store, patcher)
+    assert first.decision.action is Action.CREATE
+    assert {(p.kind.value, p.outcome.value) for p in first.patches} == {
+        ("ValidatingWebhookConfiguration", "patched"),
+        ("MutatingWebhookConfiguration", "patched"),
+    }
+    bundle = kubectl(
+        "get", "validatingwebhookconfiguration", f"{release}-mig-guard",
+        "-o", "jsonpath={.webhooks[*].clientConfig.caBundle}",
+    )  # fmt: skip
+    assert bundle.stdout.split() == [base64.b64encode(first.bundle_pem).decode()] * 2
+    second = provision(request, store, patcher)
+    assert second.decision.action is Action.KEEP
+    assert second.ca.fingerprint == first.ca.fingerprint
+    assert {p.outcome.value for p in second.patches} == {"unchanged"}
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
