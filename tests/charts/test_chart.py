@@ -467,10 +467,11 @@ def test_the_webhook_identity_reads_its_configmap_the_way_the_code_does(kubectl:
 
 
 def test_the_certs_job_does_its_work_with_exactly_its_own_permissions(
-    helm: Run, k8s_api: Any, kubectl: Run, release: str
+    helm: Run, k8s_api: Any, kubectl: Run, kubeconfig: Path, release: str
 ) -> None:
     """The renewal CronJob's command line, run as its ServiceAccount (a real token, no admin rights):
-    first as on install (Secrets created, caBundles patched), then again (nothing to do)."""
+    first as on install (Secrets created, caBundles patched), then again (nothing to do); then a
+    `helm upgrade` leaves the caBundle alone."""
     docs = render(helm, namespace=NAMESPACE, release=release)
     cron = one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     request = request_from_args(build_parser().parse_args(cron["containers"][0]["args"]))
@@ -491,6 +492,18 @@ def test_the_certs_job_does_its_work_with_exactly_its_own_permissions(
     assert second.decision.action is Action.KEEP
     assert second.ca.fingerprint == first.ca.fingerprint
     assert {p.outcome.value for p in second.patches} == {"unchanged"}
+
+    # `helm upgrade` re-renders and re-applies the webhook configurations: the caBundle must survive.
+    upgraded = helm(
+        "upgrade", release, str(CHART), "--namespace", NAMESPACE, "--no-hooks", "--reuse-values",
+        "--set=webhook.timeoutSeconds=4", kubeconfig=kubeconfig, timeout=180,
+    )  # fmt: skip
+    assert upgraded.returncode == 0, upgraded.stderr
+    after = kubectl(
+        "get", "validatingwebhookconfiguration", f"{release}-mig-guard",
+        "-o", "jsonpath={.webhooks[*].timeoutSeconds} {.webhooks[*].clientConfig.caBundle}",
+    )  # fmt: skip
+    assert after.stdout.split() == ["4", "4", *[base64.b64encode(first.bundle_pem).decode()] * 2]
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
