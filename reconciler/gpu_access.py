@@ -59,6 +59,20 @@ def nvml_error_name(exc: BaseException) -> str:
     return name.removeprefix("NVMLError_") if name.startswith("NVMLError_") else name
 
 
+def _failed(gpu: int | None, step: Operation | str, fn: Callable[..., Any], exc: BaseException) -> GpuError:
+    """`GPU 0: destroy-gi 3g.20gb@4 failed: NVML nvmlGpuInstanceDestroy returned InUse (...)`."""
+    name = nvml_error_name(exc)
+    what = step.describe(with_gpu=gpu is None) if isinstance(step, Operation) else step
+    where = "" if gpu is None else f"GPU {gpu}: "
+    function = getattr(fn, "__name__", str(fn))
+    return GpuError(
+        f"{where}{what} failed: NVML {function} returned {name} ({exc})",
+        gpu=gpu,
+        operation=step,
+        nvml_error=name,
+    )
+
+
 @dataclass(frozen=True)
 class _GiRecord:
     handle: Any
@@ -113,15 +127,7 @@ class GpuAccess:
         try:
             return fn(*args)
         except self.nvml.NVMLError as exc:
-            name = nvml_error_name(exc)
-            what = step.describe(with_gpu=gpu is None) if isinstance(step, Operation) else step
-            where = "" if gpu is None else f"GPU {gpu}: "
-            raise GpuError(
-                f"{where}{what} failed: NVML {fn.__name__} returned {name} ({exc})",
-                gpu=gpu,
-                operation=step,
-                nvml_error=name,
-            ) from exc
+            raise _failed(gpu, step, fn, exc) from exc
 
     def _handle(self, index: int, step: Operation | str = "open the GPU") -> Any:
         return self._call(index, step, self.nvml.nvmlDeviceGetHandleByIndex, index)
@@ -154,12 +160,7 @@ class GpuAccess:
         except self.nvml.NVMLError_NotSupported:
             return False, False
         except self.nvml.NVMLError as exc:
-            raise GpuError(
-                f"GPU {index}: reading the MIG mode failed: {nvml_error_name(exc)}",
-                gpu=index,
-                operation="read the MIG mode",
-                nvml_error=nvml_error_name(exc),
-            ) from exc
+            raise _failed(index, "read the MIG mode", self.nvml.nvmlDeviceGetMigMode, exc) from exc
         return bool(current), bool(pending)
 
     def _mig_capable(self, index: int) -> bool:
@@ -197,12 +198,8 @@ class GpuAccess:
                 except (self.nvml.NVMLError_NotSupported, self.nvml.NVMLError_InvalidArgument):
                     continue  # go-nvlib VisitMigProfiles: the profile is not offered here
                 except self.nvml.NVMLError as exc:
-                    raise GpuError(
-                        f"GPU {index}: reading GPU-instance profile {const} failed: {nvml_error_name(exc)}",
-                        gpu=index,
-                        operation="read the GPU-instance profiles",
-                        nvml_error=nvml_error_name(exc),
-                    ) from exc
+                    step = f"read GPU-instance profile {const}"
+                    raise _failed(index, step, self.nvml.nvmlDeviceGetGpuInstanceProfileInfo, exc) from exc
             self._gi_infos[index] = infos
         return self._gi_infos[index]
 
@@ -218,12 +215,9 @@ class GpuAccess:
                 except (self.nvml.NVMLError_NotSupported, self.nvml.NVMLError_InvalidArgument):
                     continue
                 except self.nvml.NVMLError as exc:
-                    raise GpuError(
-                        f"GPU {index}: reading compute-instance profile {const} failed: {nvml_error_name(exc)}",
-                        gpu=index,
-                        operation="read the compute-instance profiles",
-                        nvml_error=nvml_error_name(exc),
-                    ) from exc
+                    step = f"read compute-instance profile {const}"
+                    fn = self.nvml.nvmlGpuInstanceGetComputeInstanceProfileInfo
+                    raise _failed(index, step, fn, exc) from exc
             self._ci_infos[key] = infos
         return self._ci_infos[key]
 
@@ -358,12 +352,7 @@ class GpuAccess:
             except self.nvml.NVMLError_NotFound:
                 continue  # MIG device indexes can be sparse (go-nvlib skips NOT_FOUND)
             except self.nvml.NVMLError as exc:
-                raise GpuError(
-                    f"GPU {index}: {step} failed: {nvml_error_name(exc)}",
-                    gpu=index,
-                    operation=step,
-                    nvml_error=nvml_error_name(exc),
-                ) from exc
+                raise _failed(index, step, self.nvml.nvmlDeviceGetMigDeviceHandleByIndex, exc) from exc
             out.append((mig, int(self._call(index, step, self.nvml.nvmlDeviceGetGpuInstanceId, mig))))
         return out
 
@@ -383,19 +372,20 @@ class GpuAccess:
 
     def reset_gpu(self, index: int, step: Operation | str = "reset-gpu") -> None:
         """Reset through the host; a pending MIG mode takes effect and every instance is gone."""
+        what = step.describe(with_gpu=False) if isinstance(step, Operation) else step
         try:
             self._reset_gpu(index)
         except self.nvml.NVMLError as exc:
             name = nvml_error_name(exc)
+            hint = "; only a reboot can activate the MIG mode change" if name == "ResetRequired" else ""
             raise GpuError(
-                f"GPU {index}: the GPU reset was refused ({name})"
-                + ("; only a reboot can activate the MIG mode change" if name == "ResetRequired" else ""),
+                f"GPU {index}: {what} failed: the GPU reset was refused ({name}){hint}",
                 gpu=index,
                 operation=step,
                 nvml_error=name,
             ) from exc
         except (OSError, RuntimeError) as exc:
-            raise GpuError(f"GPU {index}: the GPU reset failed: {exc}", gpu=index, operation=step) from exc
+            raise GpuError(f"GPU {index}: {what} failed: {exc}", gpu=index, operation=step) from exc
         finally:
             self._forget(index)
 

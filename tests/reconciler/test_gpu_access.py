@@ -8,6 +8,7 @@ GPU can be put back (reconciler.gpu_apply.apply_with_rollback) to the layout fro
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pynvml
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from migcore.catalog import load_catalog
 from migcore.geometry import GpuGeometry
 from migcore.placement import fit
-from migcore.planning import GpuPlan, keep_in_place, plan_gpu
+from migcore.planning import keep_in_place, plan_gpu
 from migcore.profiles import MigProfile, parse_profile
 from reconciler.gpu_access import GpuAccess, GpuError
 from reconciler.gpu_apply import apply_with_rollback
@@ -169,42 +170,64 @@ def _fresh(start: GpuGeometry, faults: str | None = None) -> GpuAccess:
     return access
 
 
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_a_fault_at_any_nvml_call_of_an_apply_is_named_and_rolled_back(scenario: str) -> None:
-    start, target = SCENARIOS[scenario]
-    # Record the calls an undisturbed apply (with its read-back) makes.
+def _call_sequence(start: GpuGeometry, work: Callable[[GpuAccess], object]) -> list[tuple[str, int]]:
+    """(function, n) for every NVML call `work` makes: the nth call of that function overall."""
     clean = _fresh(start)
-    plan: GpuPlan = plan_gpu(0, clean.geometry(0), target)
     first = len(clean.nvml.calls)
-    assert apply_with_rollback(clean, plan).ok
-    sequence = clean.nvml.calls[first:]
-    assert len(sequence) > 20
-    for position, function in enumerate(sequence):
-        nth = clean.nvml.calls[: first + position + 1].count(function)
-        access = _fresh(start, f"{function}@{nth}=Unknown")
-        assert access.geometry(0) == start
-        outcome = apply_with_rollback(access, plan)
-        where = f"fault at call {position} ({function} #{nth})"
-        assert not outcome.ok, where
-        assert outcome.error is not None and outcome.error.nvml_error == "Unknown", where
-        assert outcome.error.gpu == 0 and outcome.error.operation, where
-        assert outcome.rolled_back, f"{where}: {outcome.reason}"
-        assert access.geometry(0) == start and access.mig_mode(0) == (start.mig_enabled, start.mig_enabled), (
-            where
-        )
+    work(clean)
+    calls = clean.nvml.calls
+    return [(calls[k], calls[: k + 1].count(calls[k])) for k in range(first, len(calls))]
 
 
-def test_a_fault_at_any_nvml_call_of_discovery_raises_a_gpu_error() -> None:
-    clean = _fresh(BALANCED)
-    first = len(clean.nvml.calls)
-    clean.discover()
-    sequence = clean.nvml.calls[first:]
-    for position, function in enumerate(sequence):
-        nth = clean.nvml.calls[: first + position + 1].count(function)
-        access = _fresh(BALANCED, f"{function}@{nth}=Unknown")
-        with pytest.raises(GpuError) as caught:
-            access.discover()
-        assert caught.value.nvml_error == "Unknown" and caught.value.operation, function
+def _apply_work(start: GpuGeometry, target: GpuGeometry) -> Callable[[GpuAccess], object]:
+    def work(access: GpuAccess) -> object:
+        outcome = apply_with_rollback(access, plan_gpu(0, start, target))
+        assert outcome.ok, outcome.reason
+        return outcome
+
+    return work
+
+
+APPLY_CALLS = [
+    pytest.param(name, function, nth, id=f"{name.replace(' ', '-')}/{k:03d}-{function}#{nth}")
+    for name, (start, target) in sorted(SCENARIOS.items())
+    for k, (function, nth) in enumerate(_call_sequence(start, _apply_work(start, target)))
+]
+DISCOVERY_CALLS = [
+    pytest.param(function, nth, id=f"{k:03d}-{function}#{nth}")
+    for k, (function, nth) in enumerate(_call_sequence(BALANCED, GpuAccess.discover))
+]
+
+
+def test_every_scenario_makes_many_nvml_calls() -> None:
+    for name in SCENARIOS:
+        assert sum(1 for p in APPLY_CALLS if p.values[0] == name) > 20, name
+    assert len(DISCOVERY_CALLS) > 20
+
+
+@pytest.mark.parametrize(("scenario", "function", "nth"), APPLY_CALLS)
+def test_a_fault_at_any_nvml_call_of_an_apply_is_named_and_rolled_back(
+    scenario: str, function: str, nth: int
+) -> None:
+    start, target = SCENARIOS[scenario]
+    access = _fresh(start, f"{function}@{nth}=Unknown")  # nth counts the set-up calls too
+    outcome = apply_with_rollback(access, plan_gpu(0, start, target))
+    assert not outcome.ok
+    assert outcome.error is not None and outcome.error.nvml_error == "Unknown"
+    assert outcome.error.gpu == 0 and outcome.error.operation
+    step = outcome.error.op.describe(with_gpu=False) if outcome.error.op else outcome.error.operation
+    assert str(outcome.error).startswith(f"GPU 0: {step} failed: ")  # names the step, then the NVML error
+    assert outcome.rolled_back, outcome.reason
+    assert access.geometry(0) == start
+    assert access.mig_mode(0) == (start.mig_enabled, start.mig_enabled)
+
+
+@pytest.mark.parametrize(("function", "nth"), DISCOVERY_CALLS)
+def test_a_fault_at_any_nvml_call_of_discovery_raises_a_gpu_error(function: str, nth: int) -> None:
+    access = _fresh(BALANCED, f"{function}@{nth}=Unknown")
+    with pytest.raises(GpuError) as caught:
+        access.discover()
+    assert caught.value.nvml_error == "Unknown" and caught.value.operation
 
 
 # --- the planner's plans, run through NVML ----------------------------------------------------------
