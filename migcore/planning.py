@@ -282,8 +282,8 @@ def desired_geometries(result: _Result, current: Mapping[int, GpuGeometry]) -> d
     out: dict[int, GpuGeometry] = {}
     for verdict in result.gpus:
         now = current.get(verdict.index)
-        if verdict.entry is None:
-            if now is not None:
+        if verdict.entry is None or verdict.mig_enabled is None:
+            if now is not None:  # no entry applies (or nothing is said about the mode): untouched
                 out[verdict.index] = now
             continue
         if not verdict.mig_enabled:

@@ -170,6 +170,21 @@ def test_instances_that_can_stay_stay() -> None:
     assert not plan.needs_reset
 
 
+def test_a_gpu_laid_out_elsewhere_by_another_tool_is_left_alone() -> None:
+    # mig-parted lets the driver choose placements: the same instances, at other valid starts.
+    by_profile = {gi.profile: gi for gi in BALANCED.instances}
+    elsewhere = GpuGeometry(
+        True,
+        tuple(
+            GpuInstanceSpec(start, by_profile[profile].size, profile, by_profile[profile].compute)
+            for start, profile in [(0, "1g.5gb"), (1, "1g.5gb"), (2, "2g.10gb"), (4, "3g.20gb")]
+        ),
+    )
+    assert elsewhere != BALANCED
+    assert keep_in_place(BALANCED, elsewhere) == elsewhere
+    assert plan_gpu(0, elsewhere, keep_in_place(BALANCED, elsewhere)).operations == ()
+
+
 def test_only_the_compute_instances_that_differ_are_rebuilt() -> None:
     split = keep_in_place(layout("A100-40GB", **{"1g.5gb": 2, "2g.10gb": 1, "1c.3g.20gb": 3}), BALANCED)
     plan = plan_gpu(0, BALANCED, split)
