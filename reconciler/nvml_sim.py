@@ -15,6 +15,8 @@ For tests and the demo it adds what hardware cannot: fault injection (an error a
 a function), a latency per call, and a state file that keeps the GPUs (instances and the
 processes holding them) across reconciler restarts and is shared by every process that opens it.
 The `sim*` methods are not NVML: they model the host (`nvidia-smi -r`, a reboot) and workloads.
+A platform that cannot reset a GPU (pass-through VMs) is `reset_requires_reboot=True`, or from the
+command line `--simulated-faults simResetGpu@1=ResetRequired`; `simReboot` then activates the mode.
 """
 
 from __future__ import annotations

@@ -103,3 +103,16 @@ def test_when_the_rollback_fails_too_the_reason_says_what_the_gpu_holds() -> Non
     assert outcome.rollback_error is not None and outcome.rollback_error.nvml_error == "Unknown"
     assert outcome.geometry is not None and outcome.geometry == access.geometry(0) != BALANCED
     assert "rolling GPU 0 back failed" in outcome.reason and outcome.geometry.summary() in outcome.reason
+
+
+def test_a_reset_refused_by_the_platform_leaves_the_pending_mode_for_a_reboot() -> None:
+    # What `--simulated-faults simResetGpu@1=ResetRequired` gives the reconciler (see nvml_sim).
+    access = gpu(DISABLED, faults="simResetGpu@1=ResetRequired")
+    outcome = apply_with_rollback(access, plan_gpu(0, DISABLED, SEVEN), reboot_allowed=True)
+    assert (
+        outcome.needs_reboot and outcome.error is not None and outcome.error.operation == "reset-gpu on GPU 0"
+    )
+    assert access.mig_mode(0) == (False, True)
+    access.nvml.simReboot()
+    assert access.geometry(0) == GpuGeometry(True)
+    assert apply_with_rollback(access, plan_gpu(0, access.geometry(0), SEVEN)).ok
