@@ -131,6 +131,13 @@ def test_bad_values_are_refused_with_the_field_named(helm: Run, value: str, comp
     assert complaint in result.stderr
 
 
+def test_clusters_without_ga_match_conditions_are_refused(helm: Run) -> None:
+    too_old = helm("template", "mg", str(CHART), "--kube-version", "1.29.9")
+    assert too_old.returncode != 0
+    assert "kubeVersion" in too_old.stderr or "Kubernetes version" in too_old.stderr
+    assert helm("template", "mg", str(CHART), "--kube-version", "1.30.0").returncode == 0
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_no_rbac_rule_uses_a_wildcard(helm: Run, variant: str) -> None:
     docs = render(helm, *VARIANTS[variant])
