@@ -6,7 +6,7 @@ counts, `pynvml.NVMLError_*`), on the module it is given: the real `pynvml` on a
 catalog through the NVML profile constant (`nvml_profile_id`); the device-specific `info.id` that
 NVML returns is what create/list calls take, never a hard-coded number.
 
-A GPU reset is not in NVML: it goes through the host (`nvidia-smi -r -i N`), or the simulator's
+A GPU reset is not in NVML: it goes through the host (`nvidia-smi -r -i <PCI bus id>`), or the simulator's
 `simResetGpu`. Every NVML failure becomes a GpuError that says which GPU, which step and which
 NVML error, in a sentence fit for the node's reason annotation.
 """
@@ -325,21 +325,28 @@ class GpuAccess:
     # --- workloads ----------------------------------------------------------------------------------
 
     def processes(self, index: int) -> dict[int | None, list[int]]:
-        """Compute processes by GI start (None: the whole GPU, or a process NVML does not place)."""
-        handle = self._handle(index, "list processes")
+        """Compute processes by GI start (None: the whole GPU, or a process NVML does not place).
+
+        With MIG on, each MIG device is asked for its processes; the parent GPU's list (which
+        without privileges may not say the GPU instance) only adds processes not placed that way.
+        """
         step = "list processes"
+        handle = self._handle(index, step)
         found: dict[int | None, set[int]] = {}
         current, _ = self.mig_mode(index)
         starts: dict[int, int] = {}
+        placed: set[int] = set()
         if current:
             starts = {r.id: r.start for r in self._walk(index, handle, step)}
-        for proc in self._call(index, step, self.nvml.nvmlDeviceGetComputeRunningProcesses, handle):
-            gi_id = getattr(proc, "gpuInstanceId", _NOT_A_MIG_ID)
-            found.setdefault(starts.get(gi_id) if current else None, set()).add(int(proc.pid))
-        if current:
             for mig, gi_id in self._mig_devices(index, handle, step):
                 for proc in self._call(index, step, self.nvml.nvmlDeviceGetComputeRunningProcesses, mig):
                     found.setdefault(starts.get(gi_id), set()).add(int(proc.pid))
+                    placed.add(int(proc.pid))
+        for proc in self._call(index, step, self.nvml.nvmlDeviceGetComputeRunningProcesses, handle):
+            pid = int(proc.pid)
+            start = starts.get(getattr(proc, "gpuInstanceId", _NOT_A_MIG_ID)) if current else None
+            if pid not in placed or start is not None:
+                found.setdefault(start, set()).add(pid)
         return {start: sorted(pids) for start, pids in found.items()}
 
     def _mig_devices(self, index: int, handle: Any, step: str) -> list[tuple[Any, int]]:
