@@ -379,7 +379,7 @@ def test_helm_install_creates_every_object(helm: Run, kubectl: Run, kubeconfig: 
 
 def can_i(kubectl: Run, sa: str, verb: str, resource: str, namespace: str | None) -> bool:
     """``resource`` is ``kind[/name][:subresource]``."""
-    where = ["-n", namespace] if namespace else []
+    where = ["--all-namespaces"] if namespace == ALL_NAMESPACES else ["-n", namespace] if namespace else []
     resource, _, subresource = resource.partition(":")
     sub = [f"--subresource={subresource}"] if subresource else []
     as_sa = f"--as=system:serviceaccount:{NAMESPACE}:{sa}"
@@ -388,8 +388,9 @@ def can_i(kubectl: Run, sa: str, verb: str, resource: str, namespace: str | None
     return result.stdout.strip() == "yes"
 
 
-# (ServiceAccount suffix, verb, kind[/name][:subresource], namespace (None: cluster scope, "@": the
-# release namespace), allowed)
+ALL_NAMESPACES = "(all)"
+# (ServiceAccount suffix, verb, kind[/name][:subresource], namespace (None: cluster-scoped kinds, "@": the
+# release namespace, ALL_NAMESPACES: across all namespaces), allowed)
 PERMISSIONS: list[tuple[str, str, str, str | None, bool]] = [
     # webhook: its ConfigMap (by name), node list for the ConfigMap guard; nothing else.
     ("webhook", "get", "configmaps/{cm}", "@", True),
@@ -398,6 +399,8 @@ PERMISSIONS: list[tuple[str, str, str, str | None, bool]] = [
     ("webhook", "list", "nodes", None, True),
     ("webhook", "list", "configmaps", "@", False),
     ("webhook", "list", "configmaps", "kube-system", False),
+    ("webhook", "list", "configmaps", ALL_NAMESPACES, False),
+    ("webhook", "watch", "configmaps", ALL_NAMESPACES, False),
     ("webhook", "get", "configmaps/other", "@", False),
     ("webhook", "update", "configmaps/{cm}", "@", False),
     ("webhook", "get", "secrets", "@", False),
@@ -414,7 +417,7 @@ PERMISSIONS: list[tuple[str, str, str, str | None, bool]] = [
     ("reconciler", "patch", "nodes", None, True),
     ("reconciler", "patch", "nodes:status", None, True),
     ("reconciler", "update", "nodes:status", None, False),
-    ("reconciler", "list", "pods", None, True),
+    ("reconciler", "list", "pods", ALL_NAMESPACES, True),
     ("reconciler", "create", "pods:eviction", "default", True),
     ("reconciler", "list", "poddisruptionbudgets.policy", "default", True),
     ("reconciler", "create", "events.events.k8s.io", "default", True),
@@ -426,6 +429,7 @@ PERMISSIONS: list[tuple[str, str, str, str | None, bool]] = [
     ("reconciler", "create", "pods:exec", "default", False),
     ("reconciler", "get", "secrets", "@", False),
     ("reconciler", "list", "configmaps", "@", False),
+    ("reconciler", "list", "secrets", ALL_NAMESPACES, False),
     ("reconciler", "patch", "validatingwebhookconfigurations", None, False),
     # certs (renewal CronJob; the hook Jobs get the same rules): its Secrets, the two configurations.
     ("certs", "get", "secrets/{secret}", "@", True),
@@ -436,6 +440,7 @@ PERMISSIONS: list[tuple[str, str, str, str | None, bool]] = [
     ("certs", "patch", "mutatingwebhookconfigurations/{full}", None, True),
     ("certs", "get", "secrets/other", "@", False),
     ("certs", "list", "secrets", "@", False),
+    ("certs", "get", "secrets", ALL_NAMESPACES, False),
     ("certs", "delete", "secrets/{secret}", "@", False),
     ("certs", "get", "secrets", "kube-system", False),
     ("certs", "patch", "validatingwebhookconfigurations/other", None, False),
