@@ -269,3 +269,14 @@ def test_planned_changes_applied_through_nvml_read_back_as_desired(
     outcome = apply_with_rollback(access, plan_gpu(0, current, desired))
     assert outcome.ok, outcome.reason
     assert access.geometry(0) == desired
+
+
+def test_the_nvml_backend_is_the_real_pynvml_and_says_when_no_driver_is_there() -> None:
+    access = make_gpu_access("nvml")
+    assert access.nvml is pynvml
+    if Path("/dev/nvidiactl").exists():
+        pytest.skip("an NVIDIA driver is present on this machine")
+    with pytest.raises(GpuError) as caught:
+        access.start()
+    assert caught.value.nvml_error == "LibraryNotFound"
+    assert str(caught.value).startswith("initialise NVML failed: NVML nvmlInit returned LibraryNotFound")
