@@ -473,13 +473,13 @@ class SimulatedNvml:
     # --- NVML: MIG mode (nvml.h: "pending" is the mode after the next activation trigger) ---------
 
     @nvml_call()
-    def nvmlDeviceGetMigMode(self, handle: Any) -> list[int]:
-        gpu = self._gpu(handle)
+    def nvmlDeviceGetMigMode(self, device: Any) -> list[int]:
+        gpu = self._gpu(device)
         return [int(gpu.mig_current), int(gpu.mig_pending)]
 
     @nvml_call(mutates=True)
-    def nvmlDeviceSetMigMode(self, handle: Any, mode: int) -> int:
-        gpu = self._gpu(handle)
+    def nvmlDeviceSetMigMode(self, device: Any, mode: int) -> int:
+        gpu = self._gpu(device)
         if mode not in (pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_ENABLE):
             raise _error("InvalidArgument")
         if not mode and gpu.gis:
@@ -494,8 +494,8 @@ class SimulatedNvml:
     # --- NVML: GPU-instance profiles and placements ------------------------------------------------
 
     @nvml_call()
-    def nvmlDeviceGetGpuInstanceProfileInfo(self, handle: Any, profile: int, version: int = 2) -> Any:
-        gpu = self._gpu(handle)
+    def nvmlDeviceGetGpuInstanceProfileInfo(self, device: Any, profile: int, version: int = 2) -> Any:
+        gpu = self._gpu(device)
         if not 0 <= profile < pynvml.NVML_GPU_INSTANCE_PROFILE_COUNT:
             raise _error("InvalidArgument")
         self._require_mig(gpu)  # nvml.h (...InfoV): NOT_SUPPORTED if MIG mode is not enabled
@@ -519,10 +519,10 @@ class SimulatedNvml:
 
     @nvml_call()
     def nvmlDeviceGetGpuInstancePossiblePlacements(
-        self, handle: Any, profileId: int, placementsRef: Any, countRef: Any
+        self, device: Any, profileId: int, placementsRef: Any, countRef: Any
     ) -> int:
         # nvml.h: returns the possible placements regardless of whether MIG is enabled.
-        gpu = self._gpu(handle)
+        gpu = self._gpu(device)
         profile = self._by_smi_id(gpu, profileId)
         count = _unwrap(countRef)
         if placementsRef is None:
@@ -569,8 +569,8 @@ class SimulatedNvml:
         return None
 
     @nvml_call()
-    def nvmlDeviceGetGpuInstanceRemainingCapacity(self, handle: Any, profileId: int) -> int:
-        gpu = self._gpu(handle)
+    def nvmlDeviceGetGpuInstanceRemainingCapacity(self, device: Any, profileId: int) -> int:
+        gpu = self._gpu(device)
         self._require_mig(gpu)
         profile = self._by_smi_id(gpu, profileId)
         trial = _Gpu(gpu.index, gpu.label, gpu.uuid, gpu.bus_id, True, True, gis=dict(gpu.gis))
@@ -594,8 +594,8 @@ class SimulatedNvml:
         return self._handle(pynvml.c_nvmlGpuInstance_t, ("gi", gpu.index, gi_id))
 
     @nvml_call(mutates=True)
-    def nvmlDeviceCreateGpuInstance(self, handle: Any, profileId: int) -> Any:
-        gpu = self._gpu(handle)
+    def nvmlDeviceCreateGpuInstance(self, device: Any, profileId: int) -> Any:
+        gpu = self._gpu(device)
         self._require_mig(gpu)
         profile = self._by_smi_id(gpu, profileId)
         for start in profile.placements:
@@ -604,8 +604,8 @@ class SimulatedNvml:
         raise _error("InsufficientResources")
 
     @nvml_call(mutates=True)
-    def nvmlDeviceCreateGpuInstanceWithPlacement(self, handle: Any, profileId: int, placement: Any) -> Any:
-        gpu = self._gpu(handle)
+    def nvmlDeviceCreateGpuInstanceWithPlacement(self, device: Any, profileId: int, placement: Any) -> Any:
+        gpu = self._gpu(device)
         self._require_mig(gpu)  # nvml.h: NOT_SUPPORTED if MIG is not enabled
         profile = self._by_smi_id(gpu, profileId)
         where = _unwrap(placement)
@@ -615,9 +615,9 @@ class SimulatedNvml:
 
     @nvml_call()
     def nvmlDeviceGetGpuInstances(
-        self, handle: Any, profileId: int, gpuInstancesRef: Any, countRef: Any
+        self, device: Any, profileId: int, gpuInstancesRef: Any, countRef: Any
     ) -> int:
-        gpu = self._gpu(handle)
+        gpu = self._gpu(device)
         self._require_mig(gpu)
         profile = self._by_smi_id(gpu, profileId)
         found = [
@@ -634,8 +634,8 @@ class SimulatedNvml:
         return int(pynvml.NVML_SUCCESS)
 
     @nvml_call()
-    def nvmlDeviceGetGpuInstanceById(self, handle: Any, gpuInstanceId: int) -> Any:
-        gpu = self._gpu(handle)
+    def nvmlDeviceGetGpuInstanceById(self, device: Any, gpuInstanceId: int) -> Any:
+        gpu = self._gpu(device)
         self._require_mig(gpu)
         if gpuInstanceId not in gpu.gis:
             raise _error("NotFound")
@@ -778,13 +778,13 @@ class SimulatedNvml:
         ]
 
     @nvml_call()
-    def nvmlDeviceGetMaxMigDeviceCount(self, handle: Any) -> int:
-        gpu = self._gpu(handle)
+    def nvmlDeviceGetMaxMigDeviceCount(self, device: Any) -> int:
+        gpu = self._gpu(device)
         return self._product(gpu).compute_slices if gpu.mig_current else 0
 
     @nvml_call()
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: Any, index: int) -> Any:
-        gpu = self._gpu(handle)
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, device: Any, index: int) -> Any:
+        gpu = self._gpu(device)
         self._require_mig(gpu)
         devices = self._mig_devices(gpu)
         if not 0 <= index < len(devices):
@@ -793,20 +793,20 @@ class SimulatedNvml:
         return self._handle(pynvml.c_nvmlDevice_t, ("mig", gpu.index, gi.id, ci.id))
 
     @nvml_call()
-    def nvmlDeviceIsMigDeviceHandle(self, handle: Any) -> int:
-        return int(self._key(handle)[0] == "mig")
+    def nvmlDeviceIsMigDeviceHandle(self, device: Any) -> int:
+        return int(self._key(device)[0] == "mig")
 
     @nvml_call()
-    def nvmlDeviceGetGpuInstanceId(self, handle: Any) -> int:
-        if self._key(handle)[0] != "mig":
+    def nvmlDeviceGetGpuInstanceId(self, device: Any) -> int:
+        if self._key(device)[0] != "mig":
             raise _error("NotSupported")
-        return int(self._ci(handle)[1].id)
+        return int(self._ci(device)[1].id)
 
     @nvml_call()
-    def nvmlDeviceGetComputeInstanceId(self, handle: Any) -> int:
-        if self._key(handle)[0] != "mig":
+    def nvmlDeviceGetComputeInstanceId(self, device: Any) -> int:
+        if self._key(device)[0] != "mig":
             raise _error("NotSupported")
-        return int(self._ci(handle)[2].id)
+        return int(self._ci(device)[2].id)
 
     @nvml_call()
     def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, migDevice: Any) -> Any:

@@ -8,6 +8,7 @@ Behaviours marked "nvml.h" are NVML's documented behaviour (nvml.h as vendored i
 from __future__ import annotations
 
 import ctypes
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,16 @@ def test_spec_parsers_name_the_bad_part() -> None:
             parser(bad)
     with pytest.raises(LookupError, match="unknown GPU product"):
         SimulatedNvml(["NVIDIA-GeForce-RTX-4090"])
+
+
+def test_every_simulated_function_has_pynvmls_signature() -> None:
+    """The access layer calls these by pynvml's parameter names and defaults: they must match."""
+    simulated = [name for name in dir(SimulatedNvml) if name.startswith("nvml")]
+    assert len(simulated) > 30
+    for name in simulated:
+        real = inspect.signature(inspect.unwrap(getattr(pynvml, name)))
+        ours = inspect.signature(inspect.unwrap(getattr(SimulatedNvml, name)))
+        ours_params = list(ours.parameters.values())[1:]  # without self
+        assert [(p.name, p.default) for p in ours_params] == [
+            (p.name, p.default) for p in real.parameters.values()
+        ], name
