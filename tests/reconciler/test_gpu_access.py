@@ -232,7 +232,13 @@ def test_a_fault_at_any_nvml_call_of_discovery_raises_a_gpu_error(function: str,
 
 # --- the planner's plans, run through NVML ----------------------------------------------------------
 
-PRODUCTS = {"A100-40GB": A100, "H100-80GB": "NVIDIA-H100-80GB-HBM3", "A30-24GB": "NVIDIA-A30"}
+PRODUCTS = {
+    "A100-40GB": A100,
+    "H100-80GB": "NVIDIA-H100-80GB-HBM3",
+    "A30-24GB": "NVIDIA-A30",
+    "RTX-PRO-6000-Blackwell": "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition",
+    "B200": "NVIDIA-B200",
+}
 
 
 @st.composite
@@ -256,7 +262,7 @@ def nvml_layout_pairs(draw: st.DrawFn) -> tuple[str, GpuGeometry, GpuGeometry]:
     return PRODUCTS[key], one(), one()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(nvml_layout_pairs())
 def test_planned_changes_applied_through_nvml_read_back_as_desired(
     pair: tuple[str, GpuGeometry, GpuGeometry],
