@@ -12,12 +12,13 @@ any point resumes (or rolls back) when it comes back.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,7 +31,7 @@ from migcore.check import CheckResult, check_config, hardware_from_report
 from migcore.config import ConfigError, MigPartedConfig
 from migcore.geometry import GpuGeometry
 from migcore.hardware import NodeGpus
-from migcore.planning import NodePlan, Operation, desired_geometries, plan_node, pods_to_move
+from migcore.planning import GpuPlan, NodePlan, Operation, desired_geometries, plan_node, pods_to_move
 from reconciler.config_source import ConfigSource
 from reconciler.eviction import EvictionError, Evictor
 from reconciler.gpu_access import GpuAccess, GpuError
@@ -44,6 +45,10 @@ from reconciler.workloads import DEFAULT_SOCKET, WorkloadFinder
 log = logging.getLogger(__name__)
 
 HOST_REBOOT = ("chroot", "/host", "systemctl", "reboot")
+
+
+def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
+    return json.dumps({str(i): g.to_json() for i, g in sorted(geometries.items())}, sort_keys=True)
 
 
 class BusyGpuError(Exception):
@@ -94,6 +99,9 @@ class Reconciler:
         self.reboot = reboot or self._default_reboot()
         self._wakes: queue.Queue[str] = queue.Queue()
         self._published: str | None = None
+        # The change that failed last: (config, config digest, GPUs before). It is retried on a
+        # resync, a restart, a config edit or a label change, not on every node update.
+        self._failed: tuple[str, str, str] | None = None
 
     def _default_reboot(self) -> Callable[[], None]:
         simulated = getattr(self.access.nvml, "simReboot", None)
@@ -166,6 +174,8 @@ class Reconciler:
                     value = (event["object"].metadata.labels or {}).get(keys.LABEL_MIG_CONFIG)
                     if value != last:
                         last = value
+                        if self._failed is not None and self._failed[0] != value:
+                            self._failed = None
                         self.wake("label")
             except Exception as exc:
                 log.warning("node watch failed (%s); retrying", exc)
@@ -222,9 +232,17 @@ class Reconciler:
         desired = desired_geometries(result, current)
         plan = plan_node(current, desired)
         if not plan.changed:
+            self._failed = None
             self._settle(name, result, progress, labels, annotations)
             return
-        self._change(name, config=config, result=result, plan=plan, current=current, progress=progress)
+        attempt = (name, config.digest, _fingerprint(current))
+        retry = {"resync", "start", "config"} & set(why.split(","))
+        if progress is None and self._failed == attempt and not retry:
+            log.debug("%s failed on these GPUs already; waiting for a resync or a change", name)
+            return
+        self._change(
+            name, attempt=attempt, config=config, result=result, plan=plan, current=current, progress=progress
+        )
 
     def _success_reason(self, name: str, result: CheckResult) -> str:
         return f"{name} applied: {result.summary()}"
@@ -305,6 +323,7 @@ class Reconciler:
         self,
         name: str,
         *,
+        attempt: tuple[str, str, str],
         config: MigPartedConfig,
         result: CheckResult,
         plan: NodePlan,
@@ -359,6 +378,7 @@ class Reconciler:
             if outcome == keys.STATE_REBOOTING:
                 self.metrics.outcomes.labels(outcome=outcome).inc()
             else:
+                self._failed = attempt if outcome == keys.STATE_FAILED else None
                 self._finish(
                     name, config=config, progress=progress, outcome=outcome, reason=reason, started=started
                 )
@@ -387,7 +407,8 @@ class Reconciler:
             self.metrics.nvml_operations.labels(op=op.op).inc()
             self.store.save(progress)
 
-        for gpu_plan in plan.changed:
+        changed = plan.changed
+        for n, gpu_plan in enumerate(changed):
             reboot_allowed = self.settings.reboot_enabled and not progress.reboot_attempted
             outcome = apply_with_rollback(self.access, gpu_plan, step, reboot_allowed=reboot_allowed)
             if outcome.ok:
@@ -395,6 +416,7 @@ class Reconciler:
             if outcome.needs_reboot:
                 progress.reboot_attempted = True
                 self._save(progress, "rebooting")
+                self._set_pending_modes(changed[n + 1 :])
                 reason = f"GPU {gpu_plan.index} needs a host reboot to change MIG mode for {name}: rebooting"
                 self.node.report(keys.STATE_REBOOTING, reason)
                 return keys.STATE_REBOOTING, reason
@@ -406,6 +428,20 @@ class Reconciler:
                 f"{name} not applied: GPU {', '.join(map(str, wrong))} read back a different layout than planned"
             )
         return keys.STATE_SUCCESS, self._success_reason(name, result)
+
+    def _set_pending_modes(self, gpu_plans: Sequence[GpuPlan]) -> None:
+        """Before the one reboot: set the pending MIG mode on every other GPU whose mode changes
+        (the steps up to its reset), so that the reboot activates them all at once."""
+        for gpu_plan in gpu_plans:
+            if not gpu_plan.mode_changes:
+                continue
+            ops = gpu_plan.operations
+            upto = next((k for k, op in enumerate(ops) if op.op == "reset-gpu"), len(ops))
+            try:
+                self.access.apply(replace(gpu_plan, operations=ops[:upto]))
+            except GpuError as exc:
+                if not exc.needs_reboot:  # the check after the reboot reports what did not change
+                    log.warning("GPU %d: could not set the pending MIG mode: %s", gpu_plan.index, exc)
 
     def _rollback(self, before: Mapping[int, GpuGeometry]) -> str:
         """Put every GPU back as it was before the change; says how that went (for the reason)."""

@@ -286,7 +286,7 @@ def gpu_node(workload_plane: Any, tmp_path: Path) -> Generator[Callable[..., Gpu
     labelled with it, a device-plugin DaemonSet running on it. Agents are killed at teardown."""
     made: list[GpuNode] = []
 
-    def make(gpus: int = 2, initial: str | None = "all-3g", operand: bool = True) -> GpuNode:
+    def make(gpus: int = 2, initial: str | None = "all-3g", operand: str | None = "true") -> GpuNode:
         suffix = uuid.uuid4().hex[:6]
         workdir = tmp_path / f"node-{suffix}"
         workdir.mkdir()
@@ -295,7 +295,7 @@ def gpu_node(workload_plane: Any, tmp_path: Path) -> Generator[Callable[..., Gpu
         name = f"gpu-{suffix}"
         namespace = f"e2e-{suffix}"
         ensure_namespace(workload_plane.api, namespace)
-        labels = {DP_LABEL: "true"} if operand else {}
+        labels = {DP_LABEL: operand} if operand else {}
         if initial:
             labels[keys.LABEL_MIG_CONFIG] = initial
         create_gpu_node(
@@ -317,7 +317,7 @@ def gpu_node(workload_plane: Any, tmp_path: Path) -> Generator[Callable[..., Gpu
                         "template": {
                             "metadata": {"labels": {"app": DP_APP}},
                             "spec": {
-                                "nodeSelector": {DP_LABEL: "true", "kubernetes.io/hostname": name},
+                                "nodeSelector": {DP_LABEL: operand, "kubernetes.io/hostname": name},
                                 "tolerations": [{"operator": "Exists"}],
                                 "terminationGracePeriodSeconds": 0,
                                 "containers": [{"name": "main", "image": "nvidia/k8s-device-plugin"}],
