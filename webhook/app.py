@@ -17,8 +17,9 @@ from werkzeug.exceptions import HTTPException
 
 from migcore.catalog import load_catalog
 from webhook.admission_handler import AdmissionHandler
-from webhook.config_source import ConfigMapConfigSource, ConfigSource, FileConfigSource
+from webhook.config_source import ConfigSource, FileConfigSource
 from webhook.configmap_guard import ApiNodeLister, ConfigMapGuard
+from webhook.configmap_watch import ConfigMapConfigSource
 from webhook.kube_api import core_v1
 from webhook.metrics import WebhookMetrics
 from webhook.node_hardware import HardwareResolver

@@ -1,4 +1,4 @@
-"""Where the mig-parted config comes from: a local file, or a ConfigMap watched through the API.
+"""Where the mig-parted config comes from: a local file here, a ConfigMap in `configmap_watch`.
 
 Each source keeps a parsed cache (no API call per admission request). A new version that
 does not parse leaves the last good one in use and says so (log, `last_good_in_use`); a
@@ -13,12 +13,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-from kubernetes import watch
+from typing import Protocol
 
 from migcore.config import ConfigError, parse_config
 from webhook.validation import ConfigView
@@ -29,8 +26,6 @@ DEFAULT_CONFIGMAP_NAMESPACE = "gpu-operator"
 DEFAULT_CONFIGMAP_NAME = "default-mig-parted-config"
 DEFAULT_CONFIGMAP_KEY = "config.yaml"
 FILE_POLL_SECONDS = 2.0
-WATCH_TIMEOUT_SECONDS = 240
-MAX_BACKOFF_SECONDS = 15.0
 
 
 class ReloadObserver(Protocol):
@@ -109,6 +104,11 @@ class ConfigCache:
             self._observer.config_loaded(True, now, False)
         return True
 
+    def note(self, problem: str) -> None:
+        """Say why nothing is loaded yet (an API error, not a rejected config: no metric)."""
+        if self._state.view is None:
+            self._state = SourceState(None, None, False, problem)
+
     def fail(self, problem: str) -> bool:
         """Record a failed load; the last good config (if any) stays in use."""
         with self._lock:
@@ -172,77 +172,3 @@ class FileConfigSource:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-class ConfigMapConfigSource:
-    """The mig-parted ConfigMap, listed then watched (one thread); relists after any error."""
-
-    def __init__(
-        self,
-        core_api: Any,
-        ref: ConfigMapRef,
-        observer: ReloadObserver | None = None,
-        sleep: Callable[[float], bool] | None = None,
-    ) -> None:
-        self.ref = ref
-        self.cache = ConfigCache(str(ref), observer)
-        self._core = core_api
-        self._stop = threading.Event()
-        self._sleep = sleep or self._stop.wait
-        self._thread: threading.Thread | None = None
-        self._watch: Any = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="config-map-watch", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._watch is not None:
-            self._watch.stop()
-
-    def _apply(self, event_type: str, data: dict[str, str] | None) -> None:
-        if event_type == "DELETED":
-            self.cache.fail(f"{self.ref} was deleted")
-            return
-        self.cache.offer((data or {}).get(self.ref.key), f"{self.ref} key {self.ref.key}")
-
-    def _list(self) -> str:
-        selector = f"metadata.name={self.ref.name}"
-        found = self._core.list_namespaced_config_map(self.ref.namespace, field_selector=selector)
-        if not found.items:
-            self.cache.fail(f"{self.ref} not found")
-        for item in found.items:
-            self._apply("ADDED", item.data)
-        return str(found.metadata.resource_version)
-
-    def _watch_once(self, resource_version: str) -> None:
-        self._watch = watch.Watch()  # type: ignore[no-untyped-call]
-        stream = self._watch.stream(
-            self._core.list_namespaced_config_map,
-            self.ref.namespace,
-            field_selector=f"metadata.name={self.ref.name}",
-            resource_version=resource_version,
-            timeout_seconds=WATCH_TIMEOUT_SECONDS,
-            _request_timeout=WATCH_TIMEOUT_SECONDS + 30,
-        )
-        for event in stream:
-            if self._stop.is_set():
-                return
-            if event["type"] == "ERROR":
-                return  # e.g. 410 Gone: list again
-            self._apply(event["type"], event["object"].data)
-
-    def _run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            try:
-                version = self._list()
-                backoff = 0.5
-                self._watch_once(version)
-            except Exception as exc:  # the watch must outlive any API or network error
-                log.warning("ConfigMap watch failed, retrying", extra={"fields": {"error": str(exc)[:300]}})
-                if self._sleep(backoff):
-                    return
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)

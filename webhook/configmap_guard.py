@@ -92,9 +92,12 @@ class ConfigMapGuard:
         result = check_config(config, name, hardware)
         return None if result.valid else f"{name} no longer fits: {result.errors[0] if result.errors else ''}"
 
-    def _answer(self, problem: str) -> Verdict:
+    def _answer(self, problem: str, details: Sequence[str] = ()) -> Verdict:
+        """Deny with the whole story, or (warn mode) allow with one short warning per detail."""
         if self._mode is GuardMode.WARN:
-            return Verdict.allow(warnings=(problem,))
+            return Verdict.allow(
+                warnings=(problem,) if not details else [f"{self.ref}: breaks {d}" for d in details]
+            )
         return Verdict.deny(CODE_INVALID, problem)
 
     def judge(self, request: AdmissionRequest) -> Verdict:
@@ -128,5 +131,6 @@ class ConfigMapGuard:
         verb = "deleting" if request.operation == "DELETE" else "this change to"
         return self._answer(
             f"{verb} {self.ref} would break {len(broken)} labelled node(s): {shown}{more}. "
-            f"Relabel those nodes ({keys.LABEL_MIG_CONFIG}) first, or keep their configs."
+            f"Relabel those nodes ({keys.LABEL_MIG_CONFIG}) first, or keep their configs.",
+            broken,
         )

@@ -28,7 +28,9 @@ class WebhookSettings:
     configmap_guard: GuardMode = GuardMode.DENY
     workers: int = 2
     threads: int = 4
-    keepalive: int = 75
+    # Longer than the API server's idle timeout for webhook connections (90 s), so the server
+    # never closes a connection the API server is about to reuse.
+    keepalive: int = 120
     timeout: int = 30
     max_body_bytes: int = MAX_BODY_BYTES
     log_level: str = "info"

@@ -119,6 +119,17 @@ def run(args: argparse.Namespace) -> int:
             for error in exc.errors:
                 print(f"  {error}", file=sys.stderr)
             return 2
+    else:
+        from webhook.kube_api import core_v1  # noqa: PLC0415 - the Kubernetes client loads only when needed
+
+        try:
+            core_v1(settings.kubeconfig)  # fail here, not in every worker, without API access
+        except Exception as exc:  # the client raises several types for a missing or bad kubeconfig
+            print(
+                f"mig-guard webhook: no Kubernetes API access to watch {settings.configmap}: {exc}",
+                file=sys.stderr,
+            )
+            return 2
     from webhook.server import serve  # noqa: PLC0415 - gunicorn and Flask load only for this command
 
     return serve(settings)
