@@ -15,6 +15,7 @@ from typing import Any
 import pynvml
 import pytest
 
+from migcore.catalog import load_catalog
 from reconciler.nvml_sim import (
     SimulatedNvml,
     SimulationSpecError,
@@ -300,3 +301,16 @@ def test_every_simulated_function_has_pynvmls_signature() -> None:
         assert [(p.name, p.default) for p in ours_params] == [
             (p.name, p.default) for p in real.parameters.values()
         ], name
+
+
+@pytest.mark.parametrize("key", sorted(load_catalog().products))
+def test_every_catalog_product_simulates_with_distinct_profile_ids(key: str) -> None:
+    product = load_catalog().products[key]
+    nvml = started(key)
+    handle = enable_mig(nvml)
+    ids = {}
+    for profile in product.profiles:
+        info = nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, profile.nvml_profile_id)
+        assert info.instanceCount == profile.max_count and info.name == f"MIG {profile.name}"
+        ids[profile.nvml_profile_id] = info.id
+    assert len(set(ids.values())) == len(ids)  # create/list calls take info.id: it must be unambiguous
