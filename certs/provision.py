@@ -105,7 +105,7 @@ def _load_pair(data: dict[str, bytes] | None, what: str) -> CertifiedKey | None:
 
 
 def _still_valid_ca(cert: x509.Certificate | None, now: dt.datetime) -> x509.Certificate | None:
-    if cert is None or not is_ca(cert) or cert.not_valid_after_utc <= now:
+    if cert is None or not is_ca(cert) or not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
         return None
     return cert
 

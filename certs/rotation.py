@@ -65,6 +65,8 @@ def decide(
         return Decision(Action.CREATE, "no usable CA stored")
     if not is_ca(ca.cert):
         return Decision(Action.RENEW_CA, "the stored CA certificate is not a CA")
+    if now < ca.cert.not_valid_before_utc:  # made by a clock running ahead: nothing it signs verifies
+        return Decision(Action.RENEW_CA, "the stored CA is not valid yet")
     ca_end = ca.cert.not_valid_after_utc
     if now >= ca_end - policy.ca_renew_before:
         return Decision(Action.RENEW_CA, f"the CA expires at {ca_end.isoformat()}")

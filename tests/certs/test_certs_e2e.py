@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import ssl
 import subprocess
 import sys
+import time
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from kubernetes import client as k8s
+from kubernetes.client import ApiException
 
 from certs.authority import (
     fingerprint,
@@ -30,11 +35,15 @@ from certs.ca_bundle import CABundlePatcher
 from certs.provision import Request, provision
 from certs.rotation import Action
 from certs.secret_store import SecretStore
+from devcluster.controlplane import free_port
+from migcore import keys
+from webhook import registration
 
 NAMESPACE = "certs-e2e"
 SECRET = "webhook-tls"
 SERVICE = "mig-guard-webhook"
 CONFIG = "certs-e2e"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "migcore" / "data" / "default-mig-parted-config.yaml"
 
 
 def run_certs(kubeconfig: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -198,3 +207,86 @@ def test_bad_flags_are_a_usage_error(kubeconfig: Path) -> None:
     result = run_certs(kubeconfig, "--validity-days", "10", "--renew-before-days", "30")
     assert result.returncode == 2
     assert "renew-before" in result.stderr
+
+
+WEBHOOK_CONFIG = "certs-e2e-live"
+
+
+@pytest.fixture
+def webhook_with_issued_certs(cluster: Any, kubeconfig: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The real `mig-guard webhook` serving the certificate `mig-guard certs` wrote to --write-dir."""
+    certs_dir = tmp_path / "tls"
+    issued = run_certs(kubeconfig, "--write-dir", str(certs_dir))
+    assert issued.returncode == 0, issued.stderr
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "mig_guard", "webhook", "--listen", f"127.0.0.1:{port}",
+            "--tls-cert-file", str(certs_dir / "tls.crt"), "--tls-key-file", str(certs_dir / "tls.key"),
+            "--mig-config-file", str(SHIPPED_CONFIG), "--workers", "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        context = ssl.create_default_context(cafile=str(certs_dir / "ca.crt"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=context, timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, server.stderr.read() if server.stderr else ""
+                assert time.monotonic() < deadline, "the webhook did not become ready"
+                time.sleep(0.2)
+        yield f"https://127.0.0.1:{port}/validate", certs_dir
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_api_server_trusts_the_issued_certificate_through_the_patched_ca_bundle(
+    cluster: Any, kubeconfig: Path, webhook_with_issued_certs: tuple[str, Path]
+) -> None:
+    """End to end: the configuration starts without a caBundle; `mig-guard certs` patches it; the API
+    server then calls the webhook over TLS and relays its denial of a typo."""
+    url, _ = webhook_with_issued_certs
+    admission: Any = k8s.AdmissionregistrationV1Api(cluster)
+    core: Any = k8s.CoreV1Api(cluster)
+    selector = {"matchLabels": {"mig-guard-test": WEBHOOK_CONFIG}}  # only this test's node
+    hook = {
+        "name": "nodes.validate.mig-guard.io",
+        "clientConfig": {"url": url},
+        "rules": registration.NODE_RULES,
+        "matchConditions": registration.node_match_conditions(),
+        "objectSelector": selector,
+        "failurePolicy": "Fail",
+        "sideEffects": "None",
+        "timeoutSeconds": 5,
+        "admissionReviewVersions": ["v1"],
+    }
+    admission.create_validating_webhook_configuration(
+        {"metadata": {"name": WEBHOOK_CONFIG}, "webhooks": [hook]}
+    )
+    node = f"certs-e2e-{uuid.uuid4().hex[:6]}"
+    core.create_node({"metadata": {"name": node, "labels": {"mig-guard-test": WEBHOOK_CONFIG}}})
+    try:
+        patched = run_certs(kubeconfig, "--webhook-config", WEBHOOK_CONFIG)
+        assert patched.returncode == 0, patched.stderr
+        assert f"ValidatingWebhookConfiguration {WEBHOOK_CONFIG}: patched (1 webhooks)" in patched.stdout
+        deadline = time.monotonic() + 30
+        while True:  # the API server picks the patched configuration up asynchronously
+            try:
+                core.patch_node(node, {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-1g.5gbb"}}})
+            except ApiException as exc:
+                if "denied the request" in str(exc.body):
+                    assert "did you mean" in str(exc.body)
+                    break
+                assert time.monotonic() < deadline, exc.body
+            else:
+                pytest.fail("a typo was accepted")
+            time.sleep(0.2)
+    finally:
+        admission.delete_validating_webhook_configuration(WEBHOOK_CONFIG)
+        core.delete_node(node)

@@ -80,6 +80,12 @@ def test_leaf_expiry_never_renews_the_ca(ca: CertifiedKey, leaf: CertifiedKey) -
         assert action_at(ca, leaf, T0 + days * DAY) in (Action.KEEP, Action.RENEW_LEAF)
 
 
+def test_a_ca_from_a_clock_running_ahead_is_replaced(ca: CertifiedKey, leaf: CertifiedKey) -> None:
+    decision = decide(ca, leaf, NAMES, key_spec=ECDSA, policy=POLICY, now=T0 - DAY)
+    assert decision.action is Action.RENEW_CA
+    assert "not valid yet" in decision.reason
+
+
 def test_missing_leaf_is_reissued_from_the_same_ca(ca: CertifiedKey) -> None:
     assert action_at(ca, None, T0) is Action.RENEW_LEAF
 
