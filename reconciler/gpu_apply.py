@@ -55,6 +55,20 @@ def _mode_settled(access: GpuAccess, index: int, enabled: bool) -> bool:
     return current == enabled and pending == enabled
 
 
+def clear_pending_mode(access: GpuAccess, index: int) -> bool:
+    """Set a pending MIG mode back to the current one; True if there was one.
+
+    A change interrupted between `set-mig-mode` and `reset-gpu` leaves a pending mode that a
+    GpuGeometry does not show and that the next reset or reboot would silently activate.
+    """
+    current, pending = access.mig_mode(index)
+    if current == pending:
+        return False
+    now = access.geometry(index)
+    access.apply(GpuPlan(index, now, now, (Operation("set-mig-mode", index, enabled=current),)))
+    return True
+
+
 def roll_back(access: GpuAccess, index: int, target: GpuGeometry) -> GpuGeometry:
     """Return GPU `index` to `target` from whatever it holds now; the layout read at the end.
 

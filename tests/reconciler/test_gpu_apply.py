@@ -10,7 +10,7 @@ from migcore.placement import fit
 from migcore.planning import plan_gpu
 from migcore.profiles import parse_profile
 from reconciler.gpu_access import GpuAccess
-from reconciler.gpu_apply import apply_with_rollback
+from reconciler.gpu_apply import apply_with_rollback, clear_pending_mode
 from reconciler.nvml_sim import SimulatedNvml
 
 A100 = "NVIDIA-A100-SXM4-40GB"
@@ -116,3 +116,15 @@ def test_a_reset_refused_by_the_platform_leaves_the_pending_mode_for_a_reboot() 
     access.nvml.simReboot()
     assert access.geometry(0) == GpuGeometry(True)
     assert apply_with_rollback(access, plan_gpu(0, access.geometry(0), SEVEN)).ok
+
+
+def test_a_pending_mode_left_by_an_interrupted_change_can_be_cleared() -> None:
+    access = gpu(BALANCED)
+    # Interrupted after set-mig-mode (the instances were destroyed first, as the plan does).
+    plan = plan_gpu(0, BALANCED, DISABLED)
+    stop = [op.op for op in plan.operations].index("reset-gpu")
+    access.apply(replace(plan, operations=plan.operations[:stop]))
+    assert access.mig_mode(0) == (True, False) and access.geometry(0) == GpuGeometry(True)
+    assert clear_pending_mode(access, 0)
+    assert access.mig_mode(0) == (True, True)
+    assert not clear_pending_mode(access, 0)
