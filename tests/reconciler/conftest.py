@@ -286,7 +286,9 @@ def gpu_node(workload_plane: Any, tmp_path: Path) -> Generator[Callable[..., Gpu
     labelled with it, a device-plugin DaemonSet running on it. Agents are killed at teardown."""
     made: list[GpuNode] = []
 
-    def make(gpus: int = 2, initial: str | None = "all-3g", operand: str | None = "true") -> GpuNode:
+    def make(
+        gpus: int = 2, initial: str | None = "all-3g", operand: str | None = "true", daemonset: bool = True
+    ) -> GpuNode:
         suffix = uuid.uuid4().hex[:6]
         workdir = tmp_path / f"node-{suffix}"
         workdir.mkdir()
@@ -307,7 +309,7 @@ def gpu_node(workload_plane: Any, tmp_path: Path) -> Generator[Callable[..., Gpu
         node = GpuNode(
             workload_plane.api, workload_plane.kubeconfig_path, name, namespace, workdir, gpus, socket, server
         )
-        if operand:
+        if operand and daemonset:
             k8s.AppsV1Api(workload_plane.api).create_namespaced_daemon_set(
                 namespace,
                 {
