@@ -104,8 +104,9 @@ class GpuNode:
 
     # --- the agent --------------------------------------------------------------------------------
     def start_agent(
-        self, *extra: str, faults: str | None = None, latency: str | None = None
+        self, *extra: str, faults: str | None = None, latency: str | None = None, configmap: str | None = None
     ) -> subprocess.Popen[bytes]:
+        """Start `mig-guard reconcile` for this node (config: the file, or ConfigMap NAMESPACE/NAME)."""
         argv = [
             sys.executable, "-m", "mig_guard.cli", "reconcile",
             "--node-name", self.name,
@@ -113,7 +114,7 @@ class GpuNode:
             "--gpu-backend", "simulated",
             "--simulated-gpus", f"{A100}:{self.gpus}",
             "--simulated-state-file", str(self.state_file),
-            "--mig-config-file", str(self.config_file),
+            *(("--configmap", configmap) if configmap else ("--mig-config-file", str(self.config_file))),
             "--podresources-socket", str(self.socket),
             "--operands-namespace", self.namespace,
             "--operand-timeout", "30",

@@ -8,8 +8,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import requests
 from kubernetes import client as k8s
 
+from devcluster.controlplane import free_port
 from devcluster.processes import wait_until
 from migcore import keys
 
@@ -93,3 +95,46 @@ def test_pod_disruption_budget_blocks_and_the_node_is_usable_again(gpu_node: Gpu
     assert not node.held()
     assert node.operand_label() == "true"
     wait_until(lambda: node.operand_pods() == 1, 60, what="device plugin back")
+
+
+def test_configmap_edit_is_reapplied_with_cordon_hold_and_metrics(gpu_node: GpuNodeFactory) -> None:
+    node = gpu_node(gpus=2, initial="all-3g")
+    core = k8s.CoreV1Api(node.api)
+    core.create_namespaced_config_map(
+        node.namespace,
+        {"metadata": {"name": "mig-parted-config"}, "data": {"config.yaml": node.config_file.read_text()}},
+    )
+    port = free_port()
+    node.start_agent(
+        "--hold",
+        "cordon",
+        "--metrics-listen",
+        f"127.0.0.1:{port}",
+        configmap=f"{node.namespace}/mig-parted-config",
+    )
+    node.wait_outcome("success", "all-3g applied")
+    stop = threading.Event()
+    cordoned: list[bool] = []
+
+    def record() -> None:
+        while not stop.is_set():
+            cordoned.append(bool(node.read().spec.unschedulable))
+            stop.wait(0.05)
+
+    threading.Thread(target=record, daemon=True).start()
+    # Same config name, new meaning: upstream never re-applies this (mig-parted#108); here it is.
+    edited = node.config_file.read_text().replace(
+        'mig-devices: {"3g.20gb": 2}\n  gpu1-7g', 'mig-devices: {"1g.5gb": 7}\n  gpu1-7g', 1
+    )
+    assert edited != node.config_file.read_text()
+    core.patch_namespaced_config_map("mig-parted-config", node.namespace, {"data": {"config.yaml": edited}})
+    node.wait_outcome("success", "all-3g applied: GPUs 0-1: 1g.5gb@0")
+    stop.set()
+    assert node.counts() == {0: {"1g.5gb": 7}, 1: {"1g.5gb": 7}}
+    assert True in cordoned  # held by cordon this time
+    assert not node.read().spec.unschedulable
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert 'mig_guard_reconcile_outcomes_total{outcome="success"} 1.0' in metrics
+    assert 'mig_guard_mig_instances{gpu="1",profile="1g.5gb"} 7.0' in metrics
+    assert 'mig_guard_nvml_operations_total{op="create-gi"} 14.0' in metrics
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200

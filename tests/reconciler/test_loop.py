@@ -174,3 +174,38 @@ def test_already_applied_layout_only_reports(k8s_api: Any, tmp_path: Path, confi
     assert (
         json.loads(annotations[keys.ANNOTATION_GPUS])["gpus"][0]["geometry"] == GpuGeometry(False).to_json()
     )
+
+
+def test_resync_reapplies_after_the_gpus_lost_their_instances(
+    k8s_api: Any, tmp_path: Path, config_file: Path
+) -> None:
+    rec, sim = _make(k8s_api, tmp_path, config_file)
+    _label(rec, "all-2g.10gb")
+    rec.reconcile("label")
+    sim.simReboot()  # a host reboot or driver reload: MIG mode stays, instances are gone
+    assert rec.access.geometry(0).device_counts() == {}
+    rec.reconcile("resync")
+    labels, _ = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "success"
+    assert all(g.device_counts() == {"2g.10gb": 3} for g in rec.access.geometries().values())
+
+
+def test_label_removed_after_an_interrupted_change_rolls_back_and_releases(
+    k8s_api: Any, tmp_path: Path, config_file: Path
+) -> None:
+    rec, _ = _make(k8s_api, tmp_path, config_file, labels={DP: keys.PAUSED_FOR_MIG_CHANGE})
+    before = rec.access.geometries()
+    _label(rec, "all-7g.40gb")
+    rec.reconcile("label")
+    # As if a change to all-7g.40gb from the original layout had died half-way:
+    rec.store.save(Progress("all-7g.40gb", "x", dict(before), {DP: "true"}, phase="applying"))
+    rec.node.hold("taint", "all-7g.40gb")
+    rec.node.patch_metadata(labels={keys.LABEL_MIG_CONFIG: None, DP: keys.PAUSED_FOR_MIG_CHANGE})
+    rec.reconcile("label")
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "failed"
+    assert "label was removed" in annotations[keys.ANNOTATION_REASON]
+    assert rec.access.geometries() == before
+    assert labels[DP] == "true"
+    assert _no_hold(rec)
+    assert keys.ANNOTATION_PROGRESS not in annotations
