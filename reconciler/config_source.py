@@ -57,6 +57,7 @@ class FileConfigSource:
         self.path = Path(path)
         self.poll_seconds = poll_seconds
         self._cache = _ParseCache()
+        self._loaded: str | None = None
 
     def describe(self) -> str:
         return f"file {self.path}"
@@ -69,12 +70,14 @@ class FileConfigSource:
 
     def load(self) -> MigPartedConfig:
         text = self._read()
+        self._loaded = text
         if text is None:
             raise ConfigError([f"cannot read the config file {self.path}"])
         return self._cache.parse(text)
 
     def watch(self, wake: Wake, stop: threading.Event) -> None:
-        last = self._read()
+        # Compared with what was last loaded, so an edit between load() and now wakes too.
+        last = self._loaded
         while not stop.wait(self.poll_seconds):
             text = self._read()
             if text != last:
