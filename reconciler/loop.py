@@ -45,6 +45,7 @@ from reconciler.workloads import DEFAULT_SOCKET, WorkloadFinder
 log = logging.getLogger(__name__)
 
 HOST_REBOOT = ("chroot", "/host", "systemctl", "reboot")
+REBOOT_GRACE_SECONDS = 600.0
 
 
 def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
@@ -68,8 +69,11 @@ class Settings:
 
 
 def reboot_host() -> None:
-    """Reboot the node through the host's systemd (the DaemonSet mounts the host root at /host)."""
+    """Reboot the node through the host's systemd (the DaemonSet mounts the host root at /host),
+    then wait to be stopped: reconciling again before the host goes down would judge the mode
+    change as failed. If the host is still up after the grace period, the restart path decides."""
     subprocess.run(HOST_REBOOT, check=True)
+    time.sleep(REBOOT_GRACE_SECONDS)
 
 
 class Reconciler:
@@ -383,7 +387,22 @@ class Reconciler:
                     name, config=config, progress=progress, outcome=outcome, reason=reason, started=started
                 )
         if outcome == keys.STATE_REBOOTING:
-            self.reboot()
+            try:
+                self.reboot()
+            except Exception as exc:  # never stay in "rebooting" with the operands paused
+                log.exception("reboot failed")
+                back = self._rollback(progress.before)
+                self._failed = attempt
+                self._finish(
+                    name,
+                    config=config,
+                    progress=progress,
+                    outcome=keys.STATE_FAILED,
+                    reason="; ".join(
+                        filter(None, (f"{name} not applied: the host reboot failed: {exc}", back))
+                    ),
+                    started=started,
+                )
 
     def _save(self, progress: Progress, phase: str) -> None:
         progress.phase = phase

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,14 +42,19 @@ def _make(
     gpus: int = 2,
     faults: str | None = None,
     labels: dict[str, str] | None = None,
+    reboot: Callable[[], None] | None = None,
 ) -> tuple[Reconciler, SimulatedNvml]:
     name = f"loop-{uuid.uuid4().hex[:6]}"
     create_gpu_node(k8s_api, name, A100, gpus, labels=labels, fake=False)
     sim = SimulatedNvml([A100] * gpus, state_file=tmp_path / "gpus.json", faults=faults)
     access = GpuAccess(sim)
     access.start()
-    settings = Settings(node_name=name, podresources_socket=str(tmp_path / "no-kubelet.sock"))
-    return Reconciler(k8s_api, access, FileConfigSource(config_file), settings), sim
+    settings = Settings(
+        node_name=name,
+        podresources_socket=str(tmp_path / "no-kubelet.sock"),
+        reboot_enabled=reboot is not None,
+    )
+    return Reconciler(k8s_api, access, FileConfigSource(config_file), settings, reboot=reboot), sim
 
 
 def _label(rec: Reconciler, config: str) -> None:
@@ -209,3 +215,24 @@ def test_label_removed_after_an_interrupted_change_rolls_back_and_releases(
     assert labels[DP] == "true"
     assert _no_hold(rec)
     assert keys.ANNOTATION_PROGRESS not in annotations
+
+
+def test_a_failed_reboot_ends_in_failed_with_operands_restored(
+    k8s_api: Any, tmp_path: Path, config_file: Path
+) -> None:
+    def broken_reboot() -> None:
+        raise RuntimeError("systemctl reboot: access denied")
+
+    rec, sim = _make(k8s_api, tmp_path, config_file, labels={DP: "true"}, reboot=broken_reboot)
+    for gpu in range(2):
+        sim.simSetResetRequiresReboot(gpu, True)
+    before = rec.access.geometries()
+    _label(rec, "all-3g.20gb")
+    rec.reconcile("label")
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "failed"
+    assert "the host reboot failed: systemctl reboot: access denied" in annotations[keys.ANNOTATION_REASON]
+    assert labels[DP] == "true"
+    assert _no_hold(rec)
+    assert rec.access.geometries() == before
+    assert all(rec.access.mig_mode(i) == (False, False) for i in range(2))  # no mode left pending
