@@ -114,7 +114,7 @@ def free_port() -> int:
 class Server:
     """One `mig-guard webhook` process (optionally the floor) with its own certificate."""
 
-    def __init__(self, workdir: Path, floor: bool, workers: int, threads: int) -> None:
+    def __init__(self, workdir: Path, floor: bool, workers: int, threads: int, extra: list[str]) -> None:
         ca = CertificateAuthority.create("bench-ca")
         self.ca_file = workdir / "ca.crt"
         self.ca_file.write_bytes(ca.cert_pem)
@@ -123,6 +123,7 @@ class Server:
         argv = [MIG_GUARD, "webhook", "--listen", f"127.0.0.1:{self.port}", "--tls-cert-file", str(cert)]
         argv += ["--tls-key-file", str(key), "--mig-config-file", str(CONFIG)]
         argv += ["--workers", str(workers), "--threads", str(threads)]
+        argv += extra
         if floor:
             argv.append("--floor")
         self.log = (workdir / ("floor.log" if floor else "webhook.log")).open("wb")
@@ -164,6 +165,15 @@ class Server:
                 if line.startswith("VmRSS:"):
                     sizes.append(int(line.split()[1]) / 1024)
         return sizes
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of all workers so far (from /proc; independent of other load)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.worker_pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
 
     def stop(self) -> None:
         self.process.terminate()
@@ -263,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=4, help="keep-alive connections per load process")
     parser.add_argument("--rate", type=float, default=TARGET_RATE, help="requests/s of the fixed-rate run")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="extra `mig-guard webhook` argument"
+    )
     args = parser.parse_args(argv)
 
     print(
@@ -275,11 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, floor in (("floor", True), ("webhook", False)):
             workdir = Path(tmp) / name
             workdir.mkdir()
-            server = Server(workdir, floor, args.workers, args.threads)
+            server = Server(workdir, floor, args.workers, args.threads, args.server_arg)
             try:
                 drive(server, args.clients, args.connections, None, 1.0)  # warm-up (caches, TLS sessions)
+                cpu_before = server.cpu_seconds()
+                saturation = drive(server, args.clients, args.connections, None, args.seconds)
+                saturation["cpu_us"] = (
+                    (server.cpu_seconds() - cpu_before) / (saturation["rps"] * args.seconds) * 1e6
+                )
                 results[name] = {
-                    "saturation": drive(server, args.clients, args.connections, None, args.seconds),
+                    "saturation": saturation,
                     "fixed": drive(server, args.clients, args.connections, args.rate, args.seconds),
                 }
                 rss[name] = server.rss_mib()
@@ -296,7 +314,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RSS per worker ({name}): " + ", ".join(f"{m:.1f} MiB" for m in rss[name]))
     wf, ff = results["webhook"]["fixed"], results["floor"]["fixed"]
     ws, fs = results["webhook"]["saturation"], results["floor"]["saturation"]
+    for name in ("floor", "webhook"):
+        print(
+            f"server CPU per request ({name}, saturation run): {results[name]['saturation']['cpu_us']:.0f} us"
+        )
+    load = os.getloadavg()
+    print(
+        f"machine load average during the runs: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min) on {os.cpu_count()} cores"
+    )
     print("\nratios webhook/floor:")
+    print(f"  server CPU per request {ws['cpu_us'] / fs['cpu_us']:.2f}x")
     print(f"  saturation throughput {ws['rps'] / fs['rps']:.2f}x, p50 {ws['p50'] / fs['p50']:.2f}x")
     print(f"  @{args.rate:.0f}/s p50 {wf['p50'] / ff['p50']:.2f}x, p99 {wf['p99'] / ff['p99']:.2f}x")
     checks = [

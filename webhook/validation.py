@@ -12,19 +12,24 @@ Pure: no I/O, no side effects (dry-run requests get the same verdict and store n
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from migcore import keys
 from migcore.check import check_config, closest_names, valid_config_names
 from migcore.config import MigPartedConfig
 from webhook.hold_record import BY_WEBHOOK, HoldRecord, pending_reason
-from webhook.node_hardware import HardwareResolver
+from webhook.node_hardware import HardwareFinding, HardwareResolver
 from webhook.node_view import NodeView, changed_protected_keys
 from webhook.verdict import CODE_FORBIDDEN, CODE_INVALID, Verdict, shorten
 
 NAME_SHOWN_CHARS = 80
 VALID_SHOWN = 6
+VERDICT_CACHE_SIZE = 1024
+# Stands for the node's name in memoised messages (filled in per request).
+NODE_NAME_SLOT = "\x00node\x00"
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class NodeRules:
     def __init__(self, hardware: HardwareResolver, reconciler_users: Collection[str]) -> None:
         self._hardware = hardware
         self._reconciler_users = frozenset(reconciler_users)
+        self._verdicts: OrderedDict[tuple[object, ...], Verdict] = OrderedDict()
+        self._lock = threading.Lock()
 
     @staticmethod
     def _valid_text(valid: list[str], intro: str) -> str:
@@ -71,12 +78,33 @@ class NodeRules:
         return f"{intro}: {', '.join(valid[:VALID_SHOWN])}{more}"
 
     def config_verdict(self, change: NodeChange, config: ConfigView) -> Verdict:
-        """Rules 1 to 4: the verdict on the `nvidia.com/mig.config` value alone."""
+        """Rules 1 to 4: the verdict on the `nvidia.com/mig.config` value alone.
+
+        Memoised on (config, name, hardware): a denial's suggestions (closest names, configs
+        valid for the node) cost milliseconds, and the same few mistakes come back.
+        """
         if not change.config_changed:
             return Verdict.allow()
         name = change.new.mig_config
-        label = f"{keys.LABEL_MIG_CONFIG}={_quoted(name)}"
         finding = self._hardware.find(change.new)
+        hardware_key = finding.hardware.cache_key() if finding.hardware is not None else None
+        key = (config.config.digest, config.origin, name, hardware_key, finding.source, finding.warnings)
+        with self._lock:
+            cached = self._verdicts.get(key)
+            if cached is not None:
+                self._verdicts.move_to_end(key)
+        if cached is None:
+            cached = self._config_verdict(name, finding, config)
+            with self._lock:
+                self._verdicts[key] = cached
+                if len(self._verdicts) > VERDICT_CACHE_SIZE:
+                    self._verdicts.popitem(last=False)
+        if NODE_NAME_SLOT in cached.message:
+            return replace(cached, message=cached.message.replace(NODE_NAME_SLOT, change.node_name))
+        return cached
+
+    def _config_verdict(self, name: str, finding: HardwareFinding, config: ConfigView) -> Verdict:
+        label = f"{keys.LABEL_MIG_CONFIG}={_quoted(name)}"
         if name not in config.config.configs:
             text = f"{label} is not a config in {config.origin}"
             close = closest_names(name, config.config.names())
@@ -84,13 +112,15 @@ class NodeRules:
                 text += f"; did you mean {', '.join(close)}?"
             if finding.hardware is not None:
                 valid = [n for n in valid_config_names(config.config, finding.hardware) if n not in close]
-                text += self._valid_text(valid, f" Valid for node {change.node_name} ({finding.source})")
+                text += self._valid_text(valid, f" Valid for node {NODE_NAME_SLOT} ({finding.source})")
             return Verdict.deny(CODE_INVALID, text)
         if finding.hardware is None:
             return Verdict.allow(warnings=finding.warnings)
         result = check_config(config.config, name, finding.hardware)
         if not result.valid:
-            message = f"{label} does not fit node {change.node_name} ({finding.source}): {'; '.join(result.errors)}."
+            message = (
+                f"{label} does not fit node {NODE_NAME_SLOT} ({finding.source}): {'; '.join(result.errors)}."
+            )
             message += self._valid_text(
                 valid_config_names(config.config, finding.hardware), " Valid for this node"
             )

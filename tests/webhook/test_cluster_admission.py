@@ -155,7 +155,11 @@ def taint_webhook(
         "--reconciler-user",
         RECONCILER_USER,
     ).start()
-    deployment = Deployment(k8s_api, process, "taint", guard=True)
+    try:
+        deployment = Deployment(k8s_api, process, "taint", guard=True)
+    except BaseException:
+        process.stop()
+        raise
     try:
         yield deployment
     finally:
@@ -395,7 +399,11 @@ def cordon_webhook(
         "cordon",
         workers=1,
     ).start()
-    deployment = Deployment(k8s_api, process, "cordon", guard=False)
+    try:
+        deployment = Deployment(k8s_api, process, "cordon", guard=False)
+    except BaseException:
+        process.stop()
+        raise
     try:
         yield deployment
     finally:
