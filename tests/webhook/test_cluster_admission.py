@@ -8,6 +8,7 @@ in the same session never reach it; everything is deregistered at teardown.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from webhook.hold_record import HoldRecord
 
 NAMESPACE = "mig-guard-e2e"
 CONFIGMAP = ConfigMapRef(NAMESPACE, "mig-parted-config")
+CONFIGMAP_WARN = ConfigMapRef(NAMESPACE, "mig-parted-config-warn")
 SCOPE_LABEL = "mig-guard.test/webhook"
 RECONCILER_SA = "reconciler"
 RECONCILER_USER = f"system:serviceaccount:{NAMESPACE}:{RECONCILER_SA}"
@@ -51,7 +53,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> N
 class Deployment:
     """A running webhook server plus its registrations, scoped to nodes labelled SCOPE_LABEL=scope."""
 
-    def __init__(self, api: Any, process: WebhookProcess, scope: str, guard: bool) -> None:
+    def __init__(self, api: Any, process: WebhookProcess, scope: str, guard: ConfigMapRef | None) -> None:
         self.api = api
         self.process = process
         self.scope = scope
@@ -79,7 +81,7 @@ class Deployment:
             webhook_name=registration.NODE_MUTATOR,
             **common,
         )
-        if guard:
+        if guard is not None:
             self.names.append(f"mig-guard-e2e-{scope}-configmap")
             register_webhook(
                 api,
@@ -88,7 +90,7 @@ class Deployment:
                 process.url(registration.VALIDATE_PATH),
                 process.authority.pem,
                 rules=registration.CONFIGMAP_RULES,
-                match_conditions=registration.configmap_match_conditions(CONFIGMAP),
+                match_conditions=registration.configmap_match_conditions(guard),
                 webhook_name=registration.CONFIGMAP_GUARD,
             )
 
@@ -122,6 +124,18 @@ def wait_active(kubectl: KubectlRunner, deployment: Deployment) -> None:
     wait_for(active, "the webhook registration to take effect")
 
 
+def put_configmap(api: Any, ref: ConfigMapRef, text: str) -> None:
+    ensure_namespace(api, ref.namespace)
+    core = k8s.CoreV1Api(api)
+    body = {"metadata": {"name": ref.name}, "data": {ref.key: text}}
+    try:
+        core.create_namespaced_config_map(ref.namespace, body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        core.replace_namespaced_config_map(ref.name, ref.namespace, body)
+
+
 @pytest.fixture(scope="module")
 def default_config_text(default_config_file: Path) -> str:
     return default_config_file.read_text()
@@ -136,15 +150,7 @@ def taint_webhook(
     default_config_text: str,
 ) -> Iterator[Deployment]:
     """The webhook in its default mode: the ConfigMap watched through the API, holds by taint."""
-    ensure_namespace(k8s_api, NAMESPACE)
-    core = k8s.CoreV1Api(k8s_api)
-    body = {"metadata": {"name": CONFIGMAP.name}, "data": {"config.yaml": default_config_text}}
-    try:
-        core.create_namespaced_config_map(NAMESPACE, body)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        core.replace_namespaced_config_map(CONFIGMAP.name, NAMESPACE, body)
+    put_configmap(k8s_api, CONFIGMAP, default_config_text)
     process = WebhookProcess(
         tmp_path_factory.mktemp("webhook-taint"),
         authority,
@@ -156,7 +162,7 @@ def taint_webhook(
         RECONCILER_USER,
     ).start()
     try:
-        deployment = Deployment(k8s_api, process, "taint", guard=True)
+        deployment = Deployment(k8s_api, process, "taint", guard=CONFIGMAP)
     except BaseException:
         process.stop()
         raise
@@ -385,22 +391,28 @@ def test_rotated_certificate_is_used_by_the_api_server_without_restart(
 @pytest.fixture(scope="module")
 def cordon_webhook(
     k8s_api: Any,
+    kubeconfig: Path,
     tmp_path_factory: pytest.TempPathFactory,
     authority: TestAuthority,
-    default_config_file: Path,
+    default_config_text: str,
 ) -> Iterator[Deployment]:
-    """A second server judging from a local file and holding by cordon."""
+    """A second server: its own ConfigMap, the guard in warn mode, holds by cordon, one worker."""
+    put_configmap(k8s_api, CONFIGMAP_WARN, default_config_text)
     process = WebhookProcess(
         tmp_path_factory.mktemp("webhook-cordon"),
         authority,
-        "--mig-config-file",
-        str(default_config_file),
+        "--configmap",
+        f"{CONFIGMAP_WARN.namespace}/{CONFIGMAP_WARN.name}",
+        "--kubeconfig",
+        str(kubeconfig),
         "--hold",
         "cordon",
+        "--configmap-guard",
+        "warn",
         workers=1,
     ).start()
     try:
-        deployment = Deployment(k8s_api, process, "cordon", guard=False)
+        deployment = Deployment(k8s_api, process, "cordon", guard=CONFIGMAP_WARN)
     except BaseException:
         process.stop()
         raise
@@ -428,3 +440,56 @@ def test_cordon_mode_cordons_only_nodes_that_were_schedulable(
     node = read_node(cordon_webhook.api, admin_cordoned)
     assert node.spec.unschedulable is True
     assert HoldRecord.from_annotation(node.metadata.annotations[keys.ANNOTATION_HOLD]).cordon is False  # type: ignore[union-attr]
+
+
+def test_unparsable_configmap_keeps_the_last_good_config_and_says_so(
+    cordon_webhook: Deployment, kubectl: KubectlRunner, default_config_text: str
+) -> None:
+    wait_active(kubectl, cordon_webhook)
+    process = cordon_webhook.process
+    broken = kubectl(
+        "patch",
+        "configmap",
+        "-n",
+        NAMESPACE,
+        CONFIGMAP_WARN.name,
+        "--type=merge",
+        "-p",
+        json.dumps({"data": {"config.yaml": "version: v1\nmig-configs: ["}}),
+    )
+    assert broken.returncode == 0, broken.stderr  # warn mode: allowed...
+    assert "Warning:" in broken.stderr and "does not parse" in broken.stderr  # ...with a warning
+    wait_for(lambda: process.metric("mig_guard_webhook_config_last_good_in_use") == 1, "last good in use")
+    status, text = process.get("/readyz")
+    assert status == 200
+    assert "last good version in use" in text
+    assert "does not parse" in process.logs()
+    # The last good config still judges.
+    name = cordon_webhook.node("lastgood")
+    assert (
+        "did you mean all-1g.5gb"
+        in kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gbb").stderr
+    )
+    restored = kubectl(
+        "patch",
+        "configmap",
+        "-n",
+        NAMESPACE,
+        CONFIGMAP_WARN.name,
+        "--type=merge",
+        "-p",
+        json.dumps({"data": {"config.yaml": default_config_text}}),
+    )
+    assert restored.returncode == 0, restored.stderr
+    wait_for(lambda: process.metric("mig_guard_webhook_config_last_good_in_use") == 0, "the fixed config")
+
+
+def test_unknown_hardware_is_allowed_with_a_warning_at_kubectl(
+    webhook: Deployment, kubectl: KubectlRunner
+) -> None:
+    name = webhook.node("nogfd")
+    k8s.CoreV1Api(webhook.api).patch_node(name, {"metadata": {"labels": {keys.LABEL_GPU_PRODUCT: None}}})
+    result = kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gb")
+    assert result.returncode == 0, result.stderr
+    assert "Warning: GPU hardware unknown" in result.stderr
+    assert read_node(webhook.api, name).metadata.labels[keys.LABEL_MIG_STATE] == keys.STATE_PENDING
