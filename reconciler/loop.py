@@ -24,6 +24,7 @@ from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes import watch
+from kubernetes.client import ApiException
 
 from migcore import keys
 from migcore.catalog import Catalog, load_catalog
@@ -46,6 +47,17 @@ log = logging.getLogger(__name__)
 
 HOST_REBOOT = ("chroot", "/host", "systemctl", "reboot")
 REBOOT_GRACE_SECONDS = 600.0
+
+
+def api_error(exc: ApiException) -> str:
+    """`Kubernetes API 403 Forbidden: <the server's message>`: short enough for a reason."""
+    message = ""
+    try:
+        body = json.loads(exc.body or "{}")
+        message = body.get("message", "") if isinstance(body, dict) else ""
+    except (TypeError, ValueError):
+        pass
+    return f"Kubernetes API {exc.status} {exc.reason}" + (f": {message}" if message else "")
 
 
 def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
@@ -373,6 +385,9 @@ class Reconciler:
             outcome, reason = self._apply(name, result, plan, progress)
         except (OperandTimeoutError, EvictionError, BusyGpuError, GpuError) as exc:
             reason = f"{name} not applied: {exc}"
+        except ApiException as exc:
+            log.warning("change to %s failed: %s", name, exc)
+            reason = f"{name} not applied: {api_error(exc)}"
         except Exception as exc:
             log.exception("change to %s failed", name)
             reason = f"{name} not applied: unexpected error: {exc}"

@@ -19,7 +19,8 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes import watch
 
-from devcluster.helpers import create_gpu_node, ensure_namespace
+from devcluster.helpers import create_gpu_node, ensure_namespace, service_account_client
+from devcluster.kubeconfig import kubeconfig_dict, write_kubeconfig
 from devcluster.processes import wait_until
 from migcore import keys
 from migcore.catalog import load_catalog
@@ -30,6 +31,7 @@ from migcore.planning import desired_geometries, plan_node
 from reconciler.gpu_access import GpuAccess
 from reconciler.nvml_sim import SimulatedNvml
 from reconciler.podresources.server import PodResourcesServer
+from reconciler.rbac import RULES
 
 A100 = "NVIDIA-A100-SXM4-40GB"
 DP_LABEL = "nvidia.com/gpu.deploy.device-plugin"
@@ -104,13 +106,19 @@ class GpuNode:
 
     # --- the agent --------------------------------------------------------------------------------
     def start_agent(
-        self, *extra: str, faults: str | None = None, latency: str | None = None, configmap: str | None = None
+        self,
+        *extra: str,
+        faults: str | None = None,
+        latency: str | None = None,
+        configmap: str | None = None,
+        kubeconfig: Path | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start `mig-guard reconcile` for this node (config: the file, or ConfigMap NAMESPACE/NAME)."""
+        """Start `mig-guard reconcile` for this node (config: the file, or ConfigMap NAMESPACE/NAME;
+        credentials: the admin's unless `kubeconfig` is given)."""
         argv = [
             sys.executable, "-m", "mig_guard.cli", "reconcile",
             "--node-name", self.name,
-            "--kubeconfig", str(self.kubeconfig),
+            "--kubeconfig", str(kubeconfig or self.kubeconfig),
             "--gpu-backend", "simulated",
             "--simulated-gpus", f"{A100}:{self.gpus}",
             "--simulated-state-file", str(self.state_file),
@@ -265,6 +273,17 @@ class GpuNode:
             node = event["object"]
             tainted = any(t.key == keys.TAINT_KEY for t in node.spec.taints or [])
             self.seen.append(((node.metadata.labels or {}).get(keys.LABEL_MIG_STATE), tainted))
+
+
+@pytest.fixture
+def reconciler_kubeconfig(workload_plane: Any, tmp_path: Path) -> Path:
+    """A kubeconfig for a ServiceAccount bound to exactly `reconciler.rbac.RULES` (least privilege)."""
+    path = tmp_path / "reconciler.kubeconfig"
+    client = service_account_client(workload_plane.api, "mig-guard", "reconciler", RULES, cluster_wide=True)
+    cfg = client.configuration
+    token = cfg.api_key["authorization"]
+    ca = Path(cfg.ssl_ca_cert).read_bytes()
+    return write_kubeconfig(path, kubeconfig_dict(cfg.host, ca, user="mig-guard-reconciler", token=token))
 
 
 def prepare_gpus(state_file: Path, gpus: int, config_text: str, config_name: str | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -18,14 +19,17 @@ from migcore import keys
 GpuNodeFactory = Callable[..., Any]
 
 
-def test_label_change_succeeds_and_moves_only_pods_on_changed_gpus(gpu_node: GpuNodeFactory) -> None:
+def test_label_change_succeeds_and_moves_only_pods_on_changed_gpus(
+    gpu_node: GpuNodeFactory, reconciler_kubeconfig: Path
+) -> None:
     node = gpu_node(gpus=2, initial="all-3g")
     node.run_pod("stays-gpu0")
     node.run_pod("moves-gpu1-a")
     node.run_pod("moves-gpu1-b")
     node.wait_running({"stays-gpu0", "moves-gpu1-a", "moves-gpu1-b"})
     node.assign({"stays-gpu0": (0, 4), "moves-gpu1-a": (1, 0), "moves-gpu1-b": (1, 4)})
-    node.start_agent()
+    # Least privilege: the agent runs with exactly the RBAC rules the chart grants it.
+    node.start_agent(kubeconfig=reconciler_kubeconfig)
     node.wait_outcome("success", "all-3g applied")  # already applied at start: only reported
     assert node.pods() == {"stays-gpu0", "moves-gpu1-a", "moves-gpu1-b"}
 

@@ -1,0 +1,21 @@
+"""The API permissions the node agent needs, as RBAC rules (the chart's ClusterRole mirrors them;
+the end-to-end tests run the agent with exactly these, so a missing verb fails a test)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+RULES: Final[tuple[dict[str, Any], ...]] = (
+    # Its own Node: read and watch (field selector), labels/annotations/taints/cordon.
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
+    # The MIGConfigReady condition.
+    {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+    # Pods on the node (workloads, operand pods) and evicting them.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
+    # Naming the PodDisruptionBudget that blocks an eviction.
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["list"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+    # The mig-parted config ConfigMap (a namespaced Role suffices when it lives in one namespace).
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]},
+)
