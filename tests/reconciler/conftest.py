@@ -4,6 +4,7 @@ socket (kwok nodes have no kubelet, so nothing else would answer the reconciler'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -264,15 +265,17 @@ class GpuNode:
     def record_updates(self, stop: threading.Event) -> None:
         """Remember (state, tainted?) at every update of the node: proves the hold during a change."""
         w = watch.Watch()
-        for event in w.stream(
+        stream = w.stream(
             self.core.list_node, field_selector=f"metadata.name={self.name}", timeout_seconds=120
-        ):
-            if stop.is_set():
-                w.stop()
-                break
-            node = event["object"]
-            tainted = any(t.key == keys.TAINT_KEY for t in node.spec.taints or [])
-            self.seen.append(((node.metadata.labels or {}).get(keys.LABEL_MIG_STATE), tainted))
+        )
+        with contextlib.suppress(Exception):  # the stream breaks when the plane stops at the end
+            for event in stream:
+                if stop.is_set():
+                    w.stop()
+                    break
+                node = event["object"]
+                tainted = any(t.key == keys.TAINT_KEY for t in node.spec.taints or [])
+                self.seen.append(((node.metadata.labels or {}).get(keys.LABEL_MIG_STATE), tainted))
 
 
 @pytest.fixture
