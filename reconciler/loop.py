@@ -77,6 +77,7 @@ class Settings:
     eviction_timeout: float = 300.0
     resync_seconds: float = 300.0
     reboot_enabled: bool = False
+    busy_gpu_timeout: float = 0.0
     podresources_socket: str = DEFAULT_SOCKET
 
 
@@ -423,17 +424,25 @@ class Reconciler:
         progress.phase = phase
         self.store.save(progress)
 
-    def _refuse_busy_gpus(self, plan: NodePlan) -> None:
+    def _busy(self, plan: NodePlan) -> str | None:
+        """Why a GPU about to change cannot be touched yet (compute processes on what changes)."""
         for gpu in plan.changed:
             for gi_start, pids in self.access.processes(gpu.index).items():
-                if not pids:
-                    continue
-                if gpu.mode_changes or gi_start is None or gi_start in gpu.affected_gi_starts:
+                if pids and (gpu.mode_changes or gi_start is None or gi_start in gpu.affected_gi_starts):
                     where = "the GPU" if gi_start is None else f"the GPU instance at {gi_start}"
-                    raise BusyGpuError(
+                    return (
                         f"GPU {gpu.index} still runs compute processes on {where} "
                         f"(pids {', '.join(map(str, sorted(pids)))}); it was not touched"
                     )
+        return None
+
+    def _refuse_busy_gpus(self, plan: NodePlan) -> None:
+        """Wait up to `busy_gpu_timeout` for those processes to end (0: refuse at once)."""
+        deadline = time.monotonic() + self.settings.busy_gpu_timeout
+        while (why := self._busy(plan)) is not None:
+            if time.monotonic() >= deadline:
+                raise BusyGpuError(why)
+            time.sleep(1.0)
 
     def _apply(self, name: str, result: CheckResult, plan: NodePlan, progress: Progress) -> tuple[str, str]:
         def step(op: Operation, _i: int) -> None:

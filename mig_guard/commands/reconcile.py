@@ -62,6 +62,13 @@ def register(sub: Any) -> None:
     parser.add_argument("--eviction-timeout", type=float, default=300.0, metavar="S")
     parser.add_argument("--operand-timeout", type=float, default=300.0, metavar="S")
     parser.add_argument(
+        "--busy-gpu-timeout",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait up to S seconds for compute processes on changing GPUs to end (default 0: fail at once)",
+    )
+    parser.add_argument(
         "--reboot-enabled", action="store_true", help="reboot the host once when a MIG mode change needs it"
     )
     parser.add_argument(
@@ -122,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         eviction_timeout=args.eviction_timeout,
         resync_seconds=args.resync_seconds,
         reboot_enabled=args.reboot_enabled,
+        busy_gpu_timeout=args.busy_gpu_timeout,
         podresources_socket=args.podresources_socket,
     )
     metrics = Metrics()

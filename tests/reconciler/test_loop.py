@@ -5,6 +5,7 @@ outcome of every step is checked without waiting on the loop's timers."""
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Callable
 from importlib import resources
@@ -236,3 +237,19 @@ def test_a_failed_reboot_ends_in_failed_with_operands_restored(
     assert _no_hold(rec)
     assert rec.access.geometries() == before
     assert all(rec.access.mig_mode(i) == (False, False) for i in range(2))  # no mode left pending
+
+
+def test_waits_for_processes_to_end_when_configured(k8s_api: Any, tmp_path: Path, config_file: Path) -> None:
+    rec, sim = _make(k8s_api, tmp_path, config_file)
+    _label(rec, "all-3g.20gb")
+    rec.reconcile("label")
+    sim.simAddProcess(1, 4242, gi_start=4)
+    rec.settings.busy_gpu_timeout = 60
+    ended = threading.Timer(1.0, sim.simRemoveProcess, args=(4242,))  # the job finishes meanwhile
+    ended.start()
+    _label(rec, "all-7g.40gb")
+    rec.reconcile("label")
+    ended.join()
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "success", annotations[keys.ANNOTATION_REASON]
+    assert rec.access.geometry(1).device_counts() == {"7g.40gb": 1}
