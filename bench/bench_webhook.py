@@ -268,7 +268,7 @@ def drive(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker")
+    parser.add_argument("--threads", type=int, default=1, help="gunicorn threads per worker")
     parser.add_argument("--clients", type=int, default=2, help="load processes")
     parser.add_argument("--connections", type=int, default=4, help="keep-alive connections per load process")
     parser.add_argument("--rate", type=float, default=TARGET_RATE, help="requests/s of the fixed-rate run")

@@ -9,7 +9,9 @@ from webhook.config_source import DEFAULT_CONFIGMAP_NAME, DEFAULT_CONFIGMAP_NAME
 from webhook.configmap_guard import GuardMode
 from webhook.mutation import HoldMode
 
-MAX_BODY_BYTES = 1024 * 1024
+# Two objects of up to etcd's 1.5 MiB each (object and oldObject) plus the envelope: a legitimate
+# review of a large Node must never be refused (failurePolicy Fail would block the write).
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class WebhookSettings:
     hold: HoldMode = HoldMode.TAINT
     configmap_guard: GuardMode = GuardMode.DENY
     workers: int = 2
-    threads: int = 4
+    threads: int = 1
     # Longer than the API server's idle timeout for webhook connections (90 s), so the server
     # never closes a connection the API server is about to reuse.
     keepalive: int = 120

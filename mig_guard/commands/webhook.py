@@ -67,7 +67,13 @@ def register(sub: Any) -> None:
         help="user allowed to change nvidia.com/mig.config.state and mig-guard.io/* (repeatable)",
     )
     parser.add_argument("--workers", type=_positive, default=2)
-    parser.add_argument("--threads", type=_positive, default=4, help="threads per worker (default 4)")
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        default=1,
+        help="request threads per worker (default 1: the handler is CPU-bound, more threads add GIL waits; "
+        "kept-alive connections do not need a thread each)",
+    )
     parser.add_argument("--kubeconfig", type=Path, metavar="FILE")
     parser.add_argument("--hold", choices=[m.value for m in HoldMode], default=HoldMode.TAINT.value)
     parser.add_argument(

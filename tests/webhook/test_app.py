@@ -15,7 +15,7 @@ from webhook_harness import gfd_labels, node, relabel, review
 
 from migcore import keys
 from webhook.app import create_app
-from webhook.settings import WebhookSettings
+from webhook.settings import MAX_BODY_BYTES, WebhookSettings
 
 
 def make_settings(config_file: Path | None, **extra: Any) -> WebhookSettings:
@@ -99,9 +99,17 @@ def test_node_with_a_non_string_label_is_a_400(client: FlaskClient) -> None:
     assert "labels" in answer["error"]
 
 
+def test_a_large_node_is_still_judged(client: FlaskClient) -> None:
+    sent = labelled_change("all-1g.5gbb")
+    sent["request"]["object"]["metadata"]["annotations"] = {"big": "x" * (1024 * 1024)}
+    sent["request"]["oldObject"]["metadata"]["annotations"] = {"big": "x" * (1024 * 1024)}
+    status, body = post(client, "/validate", sent)
+    assert (status, body["response"]["allowed"]) == (200, False)
+
+
 def test_oversized_body_is_413(client: FlaskClient) -> None:
     sent = labelled_change("all-1g.5gb")
-    sent["request"]["object"]["metadata"]["annotations"] = {"big": "x" * (1024 * 1024)}
+    sent["request"]["object"]["metadata"]["annotations"] = {"big": "x" * MAX_BODY_BYTES}
     status, answer = post(client, "/validate", sent)
     assert status == 413
     assert "larger than" in answer["error"]
