@@ -10,7 +10,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from devcluster.controlplane import KWOK_STAGES
 from devcluster.helpers import gfd_labels
 from devcluster.kubeconfig import api_client, kubeconfig_dict, read_kubeconfig, write_kubeconfig
 from devcluster.pki import CertificateAuthority, ClusterPKI
-from devcluster.processes import ManagedProcess, stop_all, tail, wait_until
+from devcluster.processes import ManagedProcess, tail, wait_until
 
 
 def _verify(ca: CertificateAuthority, cert: x509.Certificate) -> None:
@@ -251,10 +250,3 @@ def test_gfd_labels() -> None:
     assert labels["nvidia.com/mig.capable"] == "true"
     assert labels["nvidia.com/gpu.family"] == "ampere"
     assert gfd_labels("NVIDIA-X-24GB", 1)["nvidia.com/gpu.memory"] == str(24 * 1024)
-
-
-def test_threads_do_not_matter_for_stop_all() -> None:
-    t = threading.Thread(target=stop_all)
-    t.start()
-    t.join(5)
-    assert not t.is_alive()
