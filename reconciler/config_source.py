@@ -77,7 +77,7 @@ class FileConfigSource:
 
     def watch(self, wake: Wake, stop: threading.Event) -> None:
         # Compared with what was last loaded, so an edit between load() and now wakes too.
-        last = self._loaded
+        last = self._loaded if self._loaded is not None else self._read()
         while not stop.wait(self.poll_seconds):
             text = self._read()
             if text != last:

@@ -117,7 +117,7 @@ class Reconciler:
         self._wakes: queue.Queue[str] = queue.Queue()
         self._published: str | None = None
         # The change that failed last: (config, config digest, GPUs before). It is retried on a
-        # resync, a restart, a config edit or a label change, not on every node update.
+        # resync or a restart, not on every wake (a config edit changes the digest, so it counts).
         self._failed: tuple[str, str, str] | None = None
 
     def _default_reboot(self) -> Callable[[], None]:
@@ -253,7 +253,9 @@ class Reconciler:
             self._settle(name, result, progress, labels, annotations)
             return
         attempt = (name, config.digest, _fingerprint(current))
-        retry = {"resync", "start", "config"} & set(why.split(","))
+        # An edited config or another label value is another attempt (its key differs); the same
+        # attempt again only on a resync or a restart.
+        retry = {"resync", "start"} & set(why.split(","))
         if progress is None and self._failed == attempt and not retry:
             log.debug("%s failed on these GPUs already; waiting for a resync or a change", name)
             return

@@ -173,9 +173,18 @@ class GpuNode:
                 if proc.poll() not in (None, -signal.SIGKILL, -signal.SIGTERM, 0):
                     raise AssertionError(f"agent exited with {proc.returncode}:\n{self.agent_logs()}")
 
+        seen: list[str] = []
+
+        def reached() -> bool:
+            now, reason = self.state()
+            if now == state and reason_has in reason:
+                seen.append(reason)
+                return True
+            return False
+
         try:
             wait_until(
-                lambda: self.state()[0] == state and reason_has in self.state()[1],
+                reached,
                 timeout,
                 interval=0.2,
                 what=f"state {state} ({reason_has})",
@@ -183,7 +192,7 @@ class GpuNode:
             )
         except Exception as exc:
             raise AssertionError(f"{exc}; now {self.state()}\n{self.agent_logs()}") from exc
-        return self.state()[1]
+        return seen[-1]
 
     def progress_phase(self) -> tuple[str | None, int]:
         raw = (self.read().metadata.annotations or {}).get(keys.ANNOTATION_PROGRESS)
