@@ -40,6 +40,7 @@ from reconciler.gpu_apply import apply_with_rollback, roll_back
 from reconciler.metrics import Metrics
 from reconciler.node_state import HoldMode, NodeState
 from reconciler.operands import Operands, OperandTimeoutError, to_pause
+from reconciler.operands import describe as describe_operands
 from reconciler.progress import NodeProgressStore, Progress, ProgressStore
 from reconciler.workloads import DEFAULT_SOCKET, WorkloadFinder
 
@@ -58,6 +59,10 @@ def api_error(exc: ApiException) -> str:
     except (TypeError, ValueError):
         pass
     return f"Kubernetes API {exc.status} {exc.reason}" + (f": {message}" if message else "")
+
+
+def _indexes(plan: NodePlan) -> str:
+    return ", ".join(str(g.index) for g in plan.changed)
 
 
 def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
@@ -376,15 +381,24 @@ class Reconciler:
             if not progress.operands:
                 progress.operands = to_pause(self.node.labels())
             self._save(progress, "pausing")
+            if progress.operands:
+                self._step(
+                    name, "PausingOperands", f"pausing GPU operands ({describe_operands(progress.operands)})"
+                )
             self.operands.pause(progress.operands)
             self.operands.wait_gone(progress.operands, self.settings.operand_timeout)
 
             self._save(progress, "evicting")
+            if movers:
+                self._step(name, "Evicting", f"evicting {len(movers)} pods: {', '.join(map(str, movers))}")
             evicted = self.evictor.evict(movers)
             self.metrics.evictions.inc(len(evicted))
             self._refuse_busy_gpus(plan)
 
             self._save(progress, "applying")
+            self._step(
+                name, "Applying", f"applying {len(plan.operations)} NVML operations on GPU {_indexes(plan)}"
+            )
             outcome, reason = self._apply(name, result, plan, progress)
         except (OperandTimeoutError, EvictionError, BusyGpuError, GpuError) as exc:
             reason = f"{name} not applied: {exc}"
@@ -421,6 +435,10 @@ class Reconciler:
                     ),
                     started=started,
                 )
+
+    def _step(self, name: str, event_reason: str, what: str) -> None:
+        """Make the current step visible: reason annotation, condition message, Event."""
+        self.node.report(keys.STATE_PENDING, f"{name}: {what}", event_reason=event_reason)
 
     def _save(self, progress: Progress, phase: str) -> None:
         progress.phase = phase

@@ -54,6 +54,15 @@ def test_label_change_succeeds_and_moves_only_pods_on_changed_gpus(
     )
     plans = [e.message for e in events.items]
     assert any("moves-gpu1-a" in p and "moves-gpu1-b" in p and "stays-gpu0" not in p for p in plans), plans
+    steps = k8s.CoreV1Api(node.api).list_namespaced_event(
+        "default", field_selector=f"involvedObject.name={node.name},type=Normal"
+    )
+    reasons = [
+        e.reason for e in sorted(steps.items, key=lambda e: e.event_time or e.metadata.creation_timestamp)
+    ]
+    # Every step of the change is an Event, in order (the start's own report comes first).
+    change = reasons[reasons.index("Reconfiguring") :]
+    assert change == ["Reconfiguring", "Plan", "PausingOperands", "Evicting", "Applying", "Applied"], reasons
 
 
 def test_invalid_config_fails_with_the_check_reason_and_gpus_untouched(gpu_node: GpuNodeFactory) -> None:
