@@ -12,7 +12,7 @@ The load generator runs on the same machine and competes for the same cores: wit
 the saturation figure is a floor for what the server could do alone. Targets (2 cores):
 >= 1,000 admissions/s, p99 <= 10 ms at 1,000/s, p50 within 1.5x of the floor.
 
-    python bench/bench_webhook.py [--workers 2] [--threads 4] [--rate 1000] [--seconds 5]
+    python bench/bench_webhook.py [--workers 2] [--threads 1] [--rate 1000] [--seconds 5] [--server-arg=...]
 """
 
 from __future__ import annotations
