@@ -501,3 +501,30 @@ def test_unknown_hardware_is_allowed_with_a_warning_at_kubectl(
     assert result.returncode == 0, result.stderr
     assert "Warning: GPU hardware unknown" in result.stderr
     assert read_node(webhook.api, name).metadata.labels[keys.LABEL_MIG_STATE] == keys.STATE_PENDING
+
+
+def test_the_canonical_configurations_are_accepted_by_the_api_server(
+    k8s_api: Any, authority: TestAuthority
+) -> None:
+    """What the chart copies: the API server validates them (CEL compiles, schema holds); dry run, stores nothing."""
+    admission = k8s.AdmissionregistrationV1Api(k8s_api)
+    for client_config in (
+        registration.url_client_config("https://127.0.0.1:9443/validate", authority.pem),
+        registration.service_client_config("mig-guard", "mig-guard-webhook", "/validate", authority.pem),
+    ):
+        validating = registration.validating_configuration("mig-guard-canonical", client_config, CONFIGMAP)
+        created = admission.create_validating_webhook_configuration(validating, dry_run="All")
+        assert [w.name for w in created.webhooks] == [
+            registration.NODE_VALIDATOR,
+            registration.CONFIGMAP_GUARD,
+        ]
+        assert created.webhooks[0].side_effects == "None"
+        assert (
+            created.webhooks[0].match_conditions[0].expression
+            == registration.node_match_conditions()[0]["expression"]
+        )
+        mutating = registration.mutating_configuration("mig-guard-canonical", client_config)
+        created_mutating = admission.create_mutating_webhook_configuration(mutating, dry_run="All")
+        assert created_mutating.webhooks[0].reinvocation_policy == "IfNeeded"
+    with pytest.raises(ApiException):
+        admission.read_validating_webhook_configuration("mig-guard-canonical")
