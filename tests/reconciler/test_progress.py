@@ -33,9 +33,10 @@ def _progress() -> Progress:
 def test_file_store_round_trips_and_clears(tmp_path: Path) -> None:
     store = FileProgressStore(tmp_path / "state")
     assert store.load() is None
-    store.save(_progress())
+    record = _progress()
+    store.save(record)
     again = FileProgressStore(tmp_path / "state").load()  # a restarted reconciler
-    assert again == _progress()
+    assert again == record
     assert [p.name for p in (tmp_path / "state").iterdir()] == ["progress.json"]  # no temp files left
     store.clear()
     assert store.load() is None
@@ -51,8 +52,9 @@ def test_node_store_round_trips(k8s_api: Any) -> None:
     create_gpu_node(k8s_api, name, fake=False)
     node = NodeState(k8s_api, name)
     store = NodeProgressStore(node)
-    store.save(_progress())
-    assert NodeProgressStore(NodeState(k8s_api, name)).load() == _progress()
+    record = _progress()
+    store.save(record)
+    assert NodeProgressStore(NodeState(k8s_api, name)).load() == record
     store.clear()
     assert keys.ANNOTATION_PROGRESS not in node.annotations()
     assert store.load() is None
