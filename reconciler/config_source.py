@@ -52,12 +52,17 @@ class _ParseCache:
         return self._config
 
 
+def _digest(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
+
+
 class FileConfigSource:
     def __init__(self, path: str | Path, poll_seconds: float = 1.0) -> None:
         self.path = Path(path)
         self.poll_seconds = poll_seconds
         self._cache = _ParseCache()
-        self._loaded: str | None = None
+        # The digest of the content the last load() read (None: unreadable); _UNSET before any.
+        self._loaded: object = _UNSET
 
     def describe(self) -> str:
         return f"file {self.path}"
@@ -70,18 +75,33 @@ class FileConfigSource:
 
     def load(self) -> MigPartedConfig:
         text = self._read()
-        self._loaded = text
+        self._loaded = _digest(text)
         if text is None:
             raise ConfigError([f"cannot read the config file {self.path}"])
         return self._cache.parse(text)
 
     def watch(self, wake: Wake, stop: threading.Event) -> None:
-        # Compared with what was last loaded, so an edit between load() and now wakes too.
-        last = self._loaded if self._loaded is not None else self._read()
+        """Wake when the content differs from what load() last read (so an edit between load() and
+        the first poll wakes too, and content load() already read does not), once per content.
+
+        Before the first load() the baseline is the first read here. One unreadable poll is not a
+        change (a transient OSError under load would wake twice for nothing); two in a row are."""
+        baseline: object = _UNSET
+        notified: object = _UNSET
+        unreadable = 0
         while not stop.wait(self.poll_seconds):
-            text = self._read()
-            if text != last:
-                last = text
+            digest = _digest(self._read())
+            unreadable = unreadable + 1 if digest is None else 0
+            if unreadable == 1:
+                continue
+            if baseline is _UNSET:
+                baseline = digest
+            loaded = self._loaded  # set by load() in the reconcile thread
+            reference = baseline if loaded is _UNSET else loaded
+            if digest == reference:
+                notified = _UNSET
+            elif digest != notified:
+                notified = digest
                 log.info("config file %s changed", self.path)
                 wake("config")
 

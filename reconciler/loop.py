@@ -196,7 +196,8 @@ class Reconciler:
                     value = (event["object"].metadata.labels or {}).get(keys.LABEL_MIG_CONFIG)
                     if value != last:
                         last = value
-                        if self._failed is not None and self._failed[0] != value:
+                        failed = self._failed  # once: the reconcile thread may reset it meanwhile
+                        if failed is not None and failed[0] != value:
                             self._failed = None
                         self.wake("label")
             except Exception as exc:

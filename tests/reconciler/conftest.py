@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 from kubernetes import watch
+from kubernetes.client import ApiException
 
 from devcluster.helpers import create_gpu_node, ensure_namespace, service_account_client
 from devcluster.kubeconfig import kubeconfig_dict, write_kubeconfig
@@ -155,8 +157,10 @@ class GpuNode:
     def read(self) -> Any:
         return self.core.read_node(self.name)
 
-    def label(self, config: str | None) -> None:
-        self.core.patch_node(self.name, {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: config}}})
+    def label(self, config: str | None) -> str:
+        """Set the desired config; returns the node's resourceVersion right after (for `since`)."""
+        node = self.core.patch_node(self.name, {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: config}}})
+        return str(node.metadata.resource_version)
 
     def state(self) -> tuple[str | None, str]:
         node = self.read()
@@ -165,34 +169,48 @@ class GpuNode:
             (node.metadata.annotations or {}).get(keys.ANNOTATION_REASON, ""),
         )
 
-    def wait_outcome(self, state: str, reason_has: str, timeout: float = 90) -> str:
-        """Wait for `state` with a reason containing `reason_has`; return the reason."""
+    def wait_outcome(self, state: str, reason_has: str, timeout: float = 90, since: str | None = None) -> str:
+        """Wait for `state` with a reason containing `reason_has`; return the reason.
+
+        It watches the node, so a state that lasts only a moment (the agent may move on at once)
+        is seen too: from the node as it is now, or with `since` (a resourceVersion, e.g. what
+        `label` returned) from every update after it, including those before this call."""
 
         def alive() -> None:
             for proc in self.agents:
                 if proc.poll() not in (None, -signal.SIGKILL, -signal.SIGTERM, 0):
                     raise AssertionError(f"agent exited with {proc.returncode}:\n{self.agent_logs()}")
 
-        seen: list[str] = []
-
-        def reached() -> bool:
-            now, reason = self.state()
-            if now == state and reason_has in reason:
-                seen.append(reason)
-                return True
-            return False
-
-        try:
-            wait_until(
-                reached,
-                timeout,
-                interval=0.2,
-                what=f"state {state} ({reason_has})",
-                alive=alive,
-            )
-        except Exception as exc:
-            raise AssertionError(f"{exc}; now {self.state()}\n{self.agent_logs()}") from exc
-        return seen[-1]
+        deadline = time.monotonic() + timeout
+        version = since
+        last: tuple[str | None, str] = (None, "")
+        while (left := deadline - time.monotonic()) > 0:
+            alive()
+            w = watch.Watch()
+            try:
+                for event in w.stream(
+                    self.core.list_node,
+                    field_selector=f"metadata.name={self.name}",
+                    resource_version=version,
+                    timeout_seconds=max(1, min(5, int(left))),
+                ):
+                    node = event["object"]
+                    version = node.metadata.resource_version
+                    last = (
+                        (node.metadata.labels or {}).get(keys.LABEL_MIG_STATE),
+                        (node.metadata.annotations or {}).get(keys.ANNOTATION_REASON, ""),
+                    )
+                    if last[0] == state and reason_has in last[1]:
+                        w.stop()
+                        return last[1]
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise
+                version = None  # too old to resume from (not within a test): the node as it is now
+        raise AssertionError(
+            f"state {state} ({reason_has}) not reached in {timeout}s; last seen {last}; now {self.state()}\n"
+            f"{self.agent_logs()}"
+        )
 
     def progress_phase(self) -> tuple[str | None, int]:
         raw = (self.read().metadata.annotations or {}).get(keys.ANNOTATION_PROGRESS)

@@ -72,8 +72,8 @@ def test_invalid_config_fails_with_the_check_reason_and_gpus_untouched(gpu_node:
     before = node.geometries()
     stop = threading.Event()
     threading.Thread(target=node.record_updates, args=(stop,), daemon=True).start()
-    node.label("too-many-3g")
-    reason = node.wait_outcome("failed", "too-many-3g cannot be applied on this node")
+    since = node.label("too-many-3g")
+    reason = node.wait_outcome("failed", "too-many-3g cannot be applied on this node", since=since)
     stop.set()
     assert "3g.20gb" in reason
     assert node.geometries() == before
@@ -97,8 +97,8 @@ def test_pod_disruption_budget_blocks_and_the_node_is_usable_again(gpu_node: Gpu
     before = node.geometries()
     node.start_agent("--eviction-timeout", "3")
     node.wait_outcome("success", "all-3g applied")
-    node.label("gpu1-7g")
-    reason = node.wait_outcome("failed", "gpu1-7g not applied")
+    since = node.label("gpu1-7g")
+    reason = node.wait_outcome("failed", "gpu1-7g not applied", since=since)
     assert (
         f"PodDisruptionBudget {node.namespace}/guarded-pdb blocks eviction of pod {node.namespace}/guarded"
         in reason

@@ -253,3 +253,33 @@ def test_waits_for_processes_to_end_when_configured(k8s_api: Any, tmp_path: Path
     labels, annotations = _node(rec)
     assert labels[keys.LABEL_MIG_STATE] == "success", annotations[keys.ANNOTATION_REASON]
     assert rec.access.geometry(1).device_counts() == {"7g.40gb": 1}
+
+
+def test_a_failed_change_is_retried_on_resync_not_on_a_wake_that_changes_nothing(
+    k8s_api: Any, tmp_path: Path, config_file: Path
+) -> None:
+    rec, _ = _make(
+        k8s_api,
+        tmp_path,
+        config_file,
+        faults="nvmlDeviceCreateGpuInstanceWithPlacement@5=InsufficientResources",
+    )
+    _label(rec, "all-3g.20gb")
+    rec.reconcile("start")  # 4 creates
+    before = rec.access.geometries()
+    _label(rec, "all-1g.5gb")
+    rec.reconcile("label")  # the 5th create fails (one-shot: the same change would now succeed)
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "failed", annotations[keys.ANNOTATION_REASON]
+    assert rec.access.geometries() == before
+
+    # A config file that was polled but not edited, a node update, both at once: not a retry.
+    version = rec.node.read().metadata.resource_version
+    for why in ("config", "label", "config,label"):
+        rec.reconcile(why)
+    assert rec.node.read().metadata.resource_version == version
+    assert rec.access.geometries() == before
+
+    rec.reconcile("resync")
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "success", annotations[keys.ANNOTATION_REASON]
