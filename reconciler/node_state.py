@@ -8,13 +8,11 @@ resourceVersion, retried on conflict, because a list patch would clobber other t
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
@@ -22,6 +20,7 @@ from kubernetes import client as k8s
 from kubernetes.client import ApiException
 
 from migcore import keys
+from migcore.hold import HoldRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,42 +43,6 @@ CONDITION_BY_STATE: dict[str, tuple[ConditionStatus, str]] = {
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True)
-class Hold:
-    """What mig-guard did to keep pods off the node, so that exactly that is undone later."""
-
-    taint: bool
-    cordon: bool
-    config: str
-    by: str
-    at: str
-
-    def to_annotation(self) -> str:
-        return json.dumps(
-            {"taint": self.taint, "cordon": self.cordon, "config": self.config, "by": self.by, "at": self.at},
-            sort_keys=True,
-        )
-
-    @staticmethod
-    def from_annotation(text: str | None) -> Hold | None:
-        """The recorded hold, or None when absent; an unreadable record still means 'our taint'."""
-        if not text:
-            return None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError:
-            raw = {}
-        if not isinstance(raw, dict):
-            raw = {}
-        return Hold(
-            taint=raw.get("taint") is True,
-            cordon=raw.get("cordon") is True,
-            config=str(raw.get("config", "")),
-            by=str(raw.get("by", "")),
-            at=str(raw.get("at", "")),
-        )
 
 
 class NodeState:
@@ -199,12 +162,12 @@ class NodeState:
             log.warning("could not record event %s: %s %s", reason, exc.reason, exc.body)
 
     # -- hold ------------------------------------------------------------------------------------------
-    def hold(self, mode: HoldMode, config: str) -> Hold:
+    def hold(self, mode: HoldMode, config: str) -> HoldRecord:
         """Keep new pods off the node unless a hold is already recorded (the webhook's, or ours)."""
 
-        def change(node: Any) -> tuple[dict[str, Any] | None, Hold]:
+        def change(node: Any) -> tuple[dict[str, Any] | None, HoldRecord]:
             annotations = node.metadata.annotations or {}
-            existing = Hold.from_annotation(annotations.get(keys.ANNOTATION_HOLD))
+            existing = HoldRecord.recorded(annotations.get(keys.ANNOTATION_HOLD))
             if existing is not None:
                 return None, existing
             taints = _taints(node)
@@ -221,7 +184,7 @@ class NodeState:
             elif not (node.spec and node.spec.unschedulable):
                 cordon = True
                 spec["unschedulable"] = True
-            record = Hold(taint=taint, cordon=cordon, config=config, by="reconciler", at=now_rfc3339())
+            record = HoldRecord(taint=taint, cordon=cordon, config=config, by="reconciler", at=now_rfc3339())
             body: dict[str, Any] = {
                 "metadata": {"annotations": {keys.ANNOTATION_HOLD: record.to_annotation()}}
             }
@@ -231,12 +194,12 @@ class NodeState:
 
         return self._read_modify_write(change)
 
-    def lift_hold(self) -> Hold | None:
+    def lift_hold(self) -> HoldRecord | None:
         """Undo exactly what the hold record says (never uncordon a node an admin cordoned)."""
 
-        def change(node: Any) -> tuple[dict[str, Any] | None, Hold | None]:
+        def change(node: Any) -> tuple[dict[str, Any] | None, HoldRecord | None]:
             annotations = node.metadata.annotations or {}
-            record = Hold.from_annotation(annotations.get(keys.ANNOTATION_HOLD))
+            record = HoldRecord.recorded(annotations.get(keys.ANNOTATION_HOLD))
             taints = _taints(node)
             ours = [t for t in taints if t["key"] == keys.TAINT_KEY]
             if record is None and not ours:

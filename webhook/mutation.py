@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from migcore import keys
+from migcore.hold import HoldRecord
 from webhook.admission_types import PatchOperation
-from webhook.hold_record import BY_WEBHOOK, HoldRecord, pending_reason
+from webhook.hold_record import BY_WEBHOOK, pending_reason
 from webhook.node_view import NodeView
 from webhook.validation import NodeChange
 

@@ -11,7 +11,8 @@ from kubernetes import client as k8s
 
 from devcluster.helpers import create_gpu_node
 from migcore import keys
-from reconciler.node_state import Hold, NodeState
+from migcore.hold import HoldRecord
+from reconciler.node_state import NodeState
 
 
 def _node(k8s_api: Any, **kwargs: Any) -> NodeState:
@@ -85,7 +86,7 @@ def test_taint_hold_keeps_other_taints_and_is_lifted(k8s_api: Any) -> None:
     node = state.read()
     ours = [t for t in node.spec.taints if t.key == keys.TAINT_KEY]
     assert [(t.value, t.effect) for t in ours] == [("all-1g.5gb", "NoSchedule")]
-    assert Hold.from_annotation(node.metadata.annotations[keys.ANNOTATION_HOLD]) == record
+    assert HoldRecord.from_annotation(node.metadata.annotations[keys.ANNOTATION_HOLD]) == record
     assert not node.spec.unschedulable
 
     assert state.lift_hold() == record

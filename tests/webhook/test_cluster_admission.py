@@ -30,9 +30,9 @@ from devcluster.helpers import (
 )
 from devcluster.pytest_plugin import KubectlRunner
 from migcore import keys
+from migcore.hold import HoldRecord
 from webhook import registration
 from webhook.config_source import ConfigMapRef
-from webhook.hold_record import HoldRecord
 
 NAMESPACE = "mig-guard-e2e"
 CONFIGMAP = ConfigMapRef(NAMESPACE, "mig-parted-config")

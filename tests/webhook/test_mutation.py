@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from webhook_harness import annotate, apply_patch, gfd_labels, node, relabel
 
 from migcore import keys
-from webhook.hold_record import HoldRecord
+from migcore.hold import HoldRecord
 from webhook.mutation import HoldMode, mutation_patch, pointer
 from webhook.node_view import NodeView
 from webhook.validation import NodeChange
