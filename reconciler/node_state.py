@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 REPORTING_CONTROLLER = "mig-guard.io/reconciler"
 MERGE_PATCH = "application/merge-patch+json"
 CONFLICT_RETRIES = 10
+# Every write to the Node names this manager, so GitOps tools can ignore exactly its fields
+# (Argo CD managedFieldsManagers).
+FIELD_MANAGER = "mig-guard-reconciler"
 
 T = TypeVar("T")
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -85,7 +88,9 @@ class NodeState:
         if annotations:
             meta["annotations"] = dict(annotations)
         if meta:
-            self.core.patch_node(self.node_name, {"metadata": meta}, _content_type=MERGE_PATCH)
+            self.core.patch_node(
+                self.node_name, {"metadata": meta}, _content_type=MERGE_PATCH, field_manager=FIELD_MANAGER
+            )
 
     def annotate(self, key: str, value: str | None) -> None:
         self.patch_metadata(annotations={key: value})
@@ -137,7 +142,7 @@ class NodeState:
                 ]
             }
         }
-        self.core.patch_node_status(self.node_name, body)
+        self.core.patch_node_status(self.node_name, body, field_manager=FIELD_MANAGER)
 
     def event(self, event_type: str, reason: str, note: str, action: str = "Reconcile") -> None:
         """An events.k8s.io/v1 Event about the Node (shown by `kubectl describe node`); best effort."""
@@ -228,7 +233,9 @@ class NodeState:
                 return result
             body.setdefault("metadata", {})["resourceVersion"] = node.metadata.resource_version
             try:
-                self.core.patch_node(self.node_name, body, _content_type=MERGE_PATCH)
+                self.core.patch_node(
+                    self.node_name, body, _content_type=MERGE_PATCH, field_manager=FIELD_MANAGER
+                )
                 return result
             except ApiException as exc:
                 if exc.status != 409:

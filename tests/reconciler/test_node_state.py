@@ -32,6 +32,9 @@ def test_report_sets_label_reason_condition_and_event(k8s_api: Any) -> None:
     assert node.metadata.labels[keys.LABEL_MIG_STATE] == "pending"
     assert node.metadata.labels["team"] == "ml"  # others' labels untouched
     assert node.metadata.annotations[keys.ANNOTATION_REASON] == "applying all-1g.5gb to GPUs 0, 1"
+    # Its fields carry its own manager (GitOps tools ignore them by manager).
+    owned = {(m.manager, m.subresource or "") for m in node.metadata.managed_fields}
+    assert {("mig-guard-reconciler", ""), ("mig-guard-reconciler", "status")} <= owned
     cond = state.condition()
     assert cond is not None
     assert (cond.status, cond.reason) == ("False", "Reconfiguring")
