@@ -69,6 +69,22 @@ def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
     return json.dumps({str(i): g.to_json() for i, g in sorted(geometries.items())}, sort_keys=True)
 
 
+def _already_reported(
+    state: str,
+    reason: str,
+    progress: Progress | None,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+) -> bool:
+    """The node already says `state` for `reason`, holds nothing and no change is in flight."""
+    return (
+        progress is None
+        and labels.get(keys.LABEL_MIG_STATE) == state
+        and annotations.get(keys.ANNOTATION_REASON) == reason
+        and keys.ANNOTATION_HOLD not in annotations
+    )
+
+
 class BusyGpuError(Exception):
     """A GPU that is about to change still runs compute processes; it is not touched."""
 
@@ -282,19 +298,17 @@ class Reconciler:
     ) -> None:
         """The GPUs already match: make the node say so (and undo anything an interrupted run left)."""
         reason = self._success_reason(name, result)
-        clean = (
-            progress is None
-            and labels.get(keys.LABEL_MIG_STATE) == keys.STATE_SUCCESS
-            and annotations.get(keys.ANNOTATION_REASON) == reason
-            and keys.ANNOTATION_HOLD not in annotations
-        )
-        if clean:
+        if _already_reported(keys.STATE_SUCCESS, reason, progress, labels, annotations):
             return
+        self._release(progress)
+        self.node.report(keys.STATE_SUCCESS, reason)
+
+    def _release(self, progress: Progress | None) -> None:
+        """Undo what a change set up: operand labels back, the recorded hold lifted, progress gone."""
         if progress is not None:
             self.operands.restore(progress.operands)
         self.node.lift_hold()
         self.store.clear()
-        self.node.report(keys.STATE_SUCCESS, reason)
 
     def _no_desired_config(
         self, progress: Progress | None, labels: Mapping[str, str], annotations: Mapping[str, str]
@@ -310,9 +324,7 @@ class Reconciler:
         if progress is not None:
             back = self._rollback(progress.before)
             note = f"; {back}" if back else ""
-            self.operands.restore(progress.operands)
-        self.node.lift_hold()
-        self.store.clear()
+        self._release(progress)
         self.node.report(keys.STATE_FAILED, f"the {keys.LABEL_MIG_CONFIG} label was removed{note}")
 
     def _reject(
@@ -325,22 +337,14 @@ class Reconciler:
     ) -> None:
         """An unusable config: hold the node while judging it (works without the webhook), leave the
         GPUs as they are (or as they were before an interrupted change), report, release."""
-        if (
-            progress is None
-            and labels.get(keys.LABEL_MIG_STATE) == keys.STATE_FAILED
-            and annotations.get(keys.ANNOTATION_REASON) == reason
-            and keys.ANNOTATION_HOLD not in annotations
-        ):
+        if _already_reported(keys.STATE_FAILED, reason, progress, labels, annotations):
             return
         self.node.hold(self.settings.hold_mode, name)
         try:
             if progress is not None:
                 reason = "; ".join(filter(None, (reason, self._rollback(progress.before))))
         finally:
-            if progress is not None:
-                self.operands.restore(progress.operands)
-            self.node.lift_hold()
-            self.store.clear()
+            self._release(progress)
             self.metrics.outcomes.labels(outcome=keys.STATE_FAILED).inc()
             self.node.report(keys.STATE_FAILED, reason, condition_reason="InvalidConfig")
 
