@@ -150,7 +150,6 @@ def taint_webhook(
     default_config_text: str,
 ) -> Iterator[Deployment]:
     """The webhook in its default mode: the ConfigMap watched through the API, holds by taint."""
-    put_configmap(k8s_api, CONFIGMAP, default_config_text)
     process = WebhookProcess(
         tmp_path_factory.mktemp("webhook-taint"),
         authority,
@@ -160,9 +159,18 @@ def taint_webhook(
         str(kubeconfig),
         "--reconciler-user",
         RECONCILER_USER,
-    ).start()
+    )
+    yield from _deployed(k8s_api, process, "taint", CONFIGMAP, default_config_text)
+
+
+def _deployed(
+    api: Any, process: WebhookProcess, name: str, guard: ConfigMapRef, config_text: str
+) -> Iterator[Deployment]:
+    """Publish the config, start the server, register it; always stopped and unregistered after."""
+    put_configmap(api, guard, config_text)
+    process.start()
     try:
-        deployment = Deployment(k8s_api, process, "taint", guard=CONFIGMAP)
+        deployment = Deployment(api, process, name, guard=guard)
     except BaseException:
         process.stop()
         raise
@@ -405,7 +413,6 @@ def cordon_webhook(
     default_config_text: str,
 ) -> Iterator[Deployment]:
     """A second server: its own ConfigMap, the guard in warn mode, holds by cordon, one worker."""
-    put_configmap(k8s_api, CONFIGMAP_WARN, default_config_text)
     process = WebhookProcess(
         tmp_path_factory.mktemp("webhook-cordon"),
         authority,
@@ -418,16 +425,8 @@ def cordon_webhook(
         "--configmap-guard",
         "warn",
         workers=1,
-    ).start()
-    try:
-        deployment = Deployment(k8s_api, process, "cordon", guard=CONFIGMAP_WARN)
-    except BaseException:
-        process.stop()
-        raise
-    try:
-        yield deployment
-    finally:
-        deployment.close()
+    )
+    yield from _deployed(k8s_api, process, "cordon", CONFIGMAP_WARN, default_config_text)
 
 
 def test_cordon_mode_cordons_only_nodes_that_were_schedulable(
