@@ -35,6 +35,7 @@ from devcluster.controlplane import ControlPlane, free_port
 from devcluster.helpers import create_gpu_node, ensure_namespace
 from migcore import keys
 from migcore.hardware import NodeGpus
+from reconciler.rbac import RULES
 from webhook.config_source import ConfigMapRef
 from webhook.registration import (
     MUTATE_PATH,
@@ -61,17 +62,6 @@ NODES = (
     DemoNode("gpu-h100", "NVIDIA-H100-80GB-HBM3", 8),
     DemoNode("gpu-a30", "NVIDIA-A30", 4),
 )
-
-# The reconciler's rights, as in the chart (charts/mig-guard/templates/reconciler/rbac.yaml).
-RECONCILER_RULES = [
-    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
-    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["list"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-]
 
 
 class DemoError(RuntimeError):
@@ -166,7 +156,7 @@ class Demo:
 
     def grant_reconciler(self) -> Path:
         rbac: Any = k8s.RbacAuthorizationV1Api(self.api)
-        rbac.create_cluster_role({"metadata": {"name": "mig-guard-reconciler"}, "rules": RECONCILER_RULES})
+        rbac.create_cluster_role({"metadata": {"name": "mig-guard-reconciler"}, "rules": list(RULES)})
         rbac.create_cluster_role_binding(
             {
                 "metadata": {"name": "mig-guard-reconciler"},
