@@ -1,9 +1,10 @@
 """The mig-parted v1 config file (`version: v1`, `mig-configs: {name: [entries]}`).
 
 Upstream semantics (see mig-parted `api/spec/v1/spec.go`), but stricter where upstream is
-silently wrong: device filters must be PCI ids, unknown fields and duplicate keys are errors,
-and every `mig-devices` profile must exist on at least one product of the catalog (upstream
-turns an unknown profile into an empty layout and reports success). All problems are
+silently wrong: a device filter mig-parted cannot parse (it would match nothing) is an error,
+unknown fields and duplicate keys are errors, and every `mig-devices` profile must exist on at
+least one product of the catalog (upstream turns an unknown profile into an empty layout and
+reports success). Every deliberate difference is listed in docs/reference.md. All problems are
 collected and raised at once; each message names its place in the file, e.g.
 `mig-configs.all-balanced[3].device-filter: "0x20B" is not a PCI device id ...`.
 """
@@ -29,8 +30,6 @@ SUPPORTED_VERSION = "v1"
 MAX_CONFIG_BYTES = 1024 * 1024
 _TOP_LEVEL_FIELDS = ("version", "mig-configs")
 _ENTRY_FIELDS = ("devices", "device-filter", "mig-enabled", "mig-devices")
-_PCI_ID = re.compile(r"0[xX]([0-9A-Fa-f]{8})(?::0[xX]([0-9A-Fa-f]{8}))?")
-_SHORT_PCI_ID = re.compile(r"0[xX]([0-9A-Fa-f]{1,4})")
 
 
 class ConfigError(ValueError):
@@ -119,20 +118,94 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     return f"YAML error: {exc}"
 
 
+def parse_go_uint32(text: str) -> int | None:
+    """`text` as Go's `strconv.ParseUint(text, 0, 32)` reads it (how mig-parted reads a filter), or
+    None where Go fails (then mig-parted's filter silently matches nothing).
+
+    Base prefixes 0x/0o/0b, a bare leading 0 for octal, decimal otherwise; `_` only between
+    digits or after a base prefix; no sign, no spaces; at most 2**32 - 1."""
+    if not text:
+        return None
+    base, body = 10, text
+    if text[0] == "0":
+        prefix = text[1:2].lower()
+        if len(text) >= 3 and prefix in ("x", "o", "b"):
+            base, body = {"x": 16, "o": 8, "b": 2}[prefix], text[2:]
+        else:
+            base, body = 8, text[1:]
+    value = 0
+    for char in body:
+        if char == "_":
+            continue
+        digit = int(char, 36) if char.isascii() and char.isalnum() else base
+        if digit >= base:
+            return None
+        value = value * base + digit
+    if not _underscores_ok(text) or value > 0xFFFFFFFF:
+        return None
+    return value
+
+
+def _underscores_ok(text: str) -> bool:
+    """Go's `underscoreOK`: an underscore only between digits, or between a base prefix and a digit."""
+    saw, i, hexadecimal = "^", 0, False
+    if len(text) >= 2 and text[0] == "0" and text[1].lower() in "box":
+        saw, i, hexadecimal = "0", 2, text[1].lower() == "x"
+    for char in text[i:]:
+        if char.isdigit() or (hexadecimal and char.lower() in "abcdef"):
+            saw = "0"
+        elif char == "_":
+            if saw != "0":
+                return False
+            saw = "_"
+        elif saw == "_":
+            return False
+        else:
+            saw = "!"
+    return saw != "_"
+
+
+def _filter_problem(text: str) -> str:
+    """Why `text` is not a filter mig-parted can match, with the form to write instead."""
+    if text != text.strip() or " " in text or "\t" in text:
+        squeezed = "".join(text.split())
+        return (
+            f'"{text}" has spaces; mig-parted reads it as no PCI id at all, so the entry would never'
+            f' apply (write "{squeezed}")'
+        )
+    hint = 'expected "0x<device><vendor>", e.g. "0x20B010DE", optionally ":0x<subsystem ids>"'
+    parts = text.split(":")
+    if len(parts) <= 2 and all(re.fullmatch(r"[0-9A-Fa-f]{8}", p) for p in parts):
+        hint = f'a hexadecimal id needs its 0x: write "{":".join("0x" + p.upper() for p in parts)}"'
+    return f'"{text}" is not a PCI device id ({hint})'
+
+
 def parse_device_filter(text: Any, where: str) -> DeviceFilter | str:
-    """A filter item, or an error message naming `where` and the right form."""
+    """A filter item, or an error message naming `where` and the right form.
+
+    Every integer form mig-parted accepts (Go's base-0 parsing: hexadecimal with 0x, decimal,
+    0o/0b, `_` separators) is accepted with its meaning; what it cannot parse, and so would
+    silently never match, is refused."""
     if not isinstance(text, str):
         return f'{where}: {text!r} is not a PCI device id string like "0x20B010DE"'
-    match = _PCI_ID.fullmatch(text.strip())
-    if match is None:
-        hint = 'expected "0x<device><vendor>", e.g. "0x20B010DE", optionally ":0x<subsystem ids>"'
-        short = _SHORT_PCI_ID.fullmatch(text.strip())
-        if short is not None:
-            device = short.group(1).upper().rjust(4, "0")
-            hint = f'a device id needs its vendor id too: write "0x{device}10DE" for an NVIDIA GPU'
-        return f'{where}: "{text}" is not a PCI device id ({hint})'
-    subsystem = match.group(2)
-    return DeviceFilter(int(match.group(1), 16), None if subsystem is None else int(subsystem, 16), text)
+    parts = text.split(":")
+    ids = [parse_go_uint32(p) for p in parts]
+    if len(parts) > 2 or any(i is None for i in ids):
+        return f"{where}: {_filter_problem(text)}"
+    for part, value in zip(parts, ids, strict=True):
+        assert value is not None
+        if value > 0xFFFF:
+            continue
+        if part[:2].lower() != "0x":
+            return f"{where}: {_filter_problem(text)}"
+        what = "a device id" if part is parts[0] else "a subsystem id"
+        return (
+            f'{where}: "{text}" is not a PCI device id ({what} needs its vendor id too: write'
+            f' "0x{value:04X}10DE" for an NVIDIA GPU)'
+        )
+    device, subsystem = ids[0], ids[1] if len(ids) == 2 else None
+    assert device is not None
+    return DeviceFilter(device, subsystem, text)
 
 
 @lru_cache(maxsize=8)

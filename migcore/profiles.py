@@ -3,7 +3,9 @@
 This is the grammar mig-parted and go-nvlib use for `mig-devices` keys and Kubernetes
 resource names. A profile names either a GPU instance (`3g.20gb`) or a compute instance
 inside one (`1c.3g.20gb`, C < G). Parsing is strict and every error names the bad part,
-because these strings come straight from admins' YAML.
+because these strings come straight from admins' YAML. Numbers with leading zeros (`01g.5gb`)
+mean what mig-parted reads them as (`1g.5gb`, its integer parsing drops the zeros) and are
+returned in canonical form.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ ATTR_MEDIA_ALL: str = "me.all"
 ATTR_GRAPHICS: str = "gfx"
 KNOWN_ATTRIBUTES: frozenset[str] = frozenset({ATTR_MEDIA, ATTR_MEDIA_ALL, ATTR_GRAPHICS})
 
-_NUMBERED = re.compile(r"^([1-9][0-9]*)(c|g|gb)$")
+_NUMBERED = re.compile(r"^(0*[1-9][0-9]*)(c|g|gb)$")
 _ATTRIBUTE = re.compile(r"^[A-Za-z][A-Za-z0-9.]*$")
 
 

@@ -91,6 +91,58 @@ def test_subsystem_filter_and_mixed_forms_parse() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("text", "device", "subsystem"),
+    [
+        # Every form Go's strconv.ParseUint(s, 0, 32) reads, as mig-parted does, with its meaning.
+        ("0x20B010DE", 0x20B010DE, None),
+        ("0X20b0_10de", 0x20B010DE, None),
+        ("548409566", 0x20B010DE, None),
+        ("548_409_566", 0x20B010DE, None),
+        ("0o4054010336", 0x20B010DE, None),
+        ("04054010336", 0x20B010DE, None),
+        ("0b100000101100000001000011011110", 0x20B010DE, None),
+        ("0x20B510DE:355930334", 0x20B510DE, 0x153710DE),
+    ],
+)
+def test_every_integer_form_mig_parted_reads_is_accepted(
+    text: str, device: int, subsystem: int | None
+) -> None:
+    config = parse_config(_one(f'devices: all\ndevice-filter: "{text}"\nmig-enabled: false'))
+    (f,) = config.configs["c"][0].device_filters
+    assert (f.device_id, f.subsystem_id, f.text) == (device, subsystem, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (" 0x20B010DE", '" 0x20B010DE" has spaces; mig-parted reads it as no PCI id at all, so the entry'
+         ' would never apply (write "0x20B010DE")'),
+        ("0x20B010DE ", 'has spaces'),
+        ("0x20B510DE: 0x153710DE", 'has spaces; mig-parted reads it as no PCI id at all, so the entry'
+         ' would never apply (write "0x20B510DE:0x153710DE")'),
+        ("20B010DE", 'a hexadecimal id needs its 0x: write "0x20B010DE"'),
+        ("0x20B0__10DE", 'is not a PCI device id (expected "0x<device><vendor>"'),
+        ("0x20B010DE_", "is not a PCI device id"),
+        ("0x1_0000_0000", "is not a PCI device id"),
+        ("-548409566", "is not a PCI device id"),
+        ("0x20B510DE:0x1537", 'a subsystem id needs its vendor id too: write "0x153710DE"'),
+        ("A100-SXM4-40GB", "is not a PCI device id"),
+    ],
+)  # fmt: skip
+def test_filters_mig_parted_would_silently_never_match_are_refused(text: str, message: str) -> None:
+    (error,) = _errors(_one(f'devices: all\ndevice-filter: "{text}"\nmig-enabled: false'))
+    assert error.startswith('mig-configs.c[0].device-filter: "')
+    assert message in error
+
+
+def test_a_leading_zero_profile_is_the_canonical_profile() -> None:
+    config = parse_config(_one('devices: all\nmig-enabled: true\nmig-devices: {"01g.5gb": 7}'))
+    assert config.configs["c"][0].mig_devices == ((parse_profile("1g.5gb"), 7),)
+    (error,) = _errors(_one('devices: all\nmig-enabled: true\nmig-devices: {"01g.5gb": 3, "1g.5gb": 4}'))
+    assert error == 'mig-configs.c[0].mig-devices."1g.5gb": same profile as "01g.5gb" (write it once)'
+
+
 def test_mig_enabled_with_empty_devices_and_disabled_with_empty_map_are_fine() -> None:
     parse_config(_one("devices: all\nmig-enabled: true\nmig-devices: {}"))
     parse_config(_one("devices: all\nmig-enabled: false\nmig-devices: {}"))

@@ -21,6 +21,10 @@ from migcore.profiles import KNOWN_ATTRIBUTES, MigProfile, ProfileError, parse_p
         ("1g.24gb-me", "1g.24gb-me"),
         ("4g.96gb+gfx", "4g.96gb+gfx"),
         ("1g.24gb+me,gfx", "1g.24gb+gfx,me"),
+        # mig-parted reads the numbers as integers: leading zeros mean the same profile.
+        ("01g.5gb", "1g.5gb"),
+        ("1c.03g.020gb+me", "1c.3g.20gb+me"),
+        ("007c.7g.40gb", "7g.40gb"),
     ],
 )
 def test_canonical_form(text: str, canonical: str) -> None:
@@ -48,6 +52,8 @@ def test_resource_suffix_replaces_plus() -> None:
         ("1g.5gx", '"5gx"'),
         ("1x.5gb", '"1x"'),
         ("0g.5gb", '"0g"'),
+        ("00g.5gb", '"00g"'),
+        ("1g.0gb", '"0gb"'),
         ("4c.3g.20gb", "4 compute slices"),
         ("1g.5gb+me-gfx", 'both "+" and "-"'),
         ("1g.5gb+", "empty attribute list"),
