@@ -272,20 +272,14 @@ def _describe_requests(entry: ConfigEntry) -> str:
     return ", ".join(f"{p} x{c}" if c != 1 else str(p) for p, c in entry.mig_devices if c)
 
 
-def _check_driver_profiles(gpu: GpuTarget, geometry: GpuGeometry | None, entry: ConfigEntry) -> list[str]:
-    """Requested GPU-instance profiles must be offered by the driver, within its max counts."""
+def _check_driver_profiles(gpu: GpuTarget, geometry: GpuGeometry) -> list[str]:
+    """Requested GPU-instance profiles must be offered by the driver, within its max counts
+    (a version-1 report: the driver's profile list without placements)."""
     offered = gpu.driver_profiles
     if offered is None:
         return []
     problems: list[str] = []
-    wanted: Counter[str] = Counter()
-    if geometry is not None:
-        wanted.update(gi.profile for gi in geometry.instances)
-    else:
-        # No catalog geometry: the fewest GPU instances that can hold the compute instances.
-        for requested, count in entry.mig_devices:
-            share = -(-count * requested.compute_slices // requested.gi_slices)
-            wanted[str(requested.gpu_instance)] += share
+    wanted: Counter[str] = Counter(gi.profile for gi in geometry.instances)
     for profile, count in wanted.items():
         if not count:
             continue
@@ -315,12 +309,16 @@ def _check_entry_on_gpu(report: _Report, gpu: GpuTarget, entry: ConfigEntry) -> 
         return None
     product = gpu.product
     if product is None:
-        driver_problems = _check_driver_profiles(gpu, None, entry)
-        for problem in driver_problems:
-            report.error(gpu, f"{_describe_requests(entry)}: {problem}")
+        if not entry.requests():
+            return GpuGeometry(True)  # MIG on, no instances: nothing to place
         ids = "" if gpu.pci_device_id is None else f", PCI id {format_pci_device_id(gpu.pci_device_id)}"
-        checked = "only against the driver's profile list" if gpu.driver_profiles else "not checked"
-        report.warning(gpu, f"GPU product not in the catalog ({gpu.name}{ids}); the layout is {checked}")
+        report.error(
+            gpu,
+            f"{_describe_requests(entry)}: this GPU ({gpu.name}{ids}) is not in mig-guard's catalog and"
+            " the node reports no driver MIG table for it, so nothing can judge where instances fit;"
+            " refused rather than guessed (with MIG on, e.g. all-enabled, the reconciler reports the"
+            " driver's table)",
+        )
         return None
     missing = [p for p, c in entry.mig_devices if c and _resolves(product, p) is not None]
     if missing:
@@ -329,7 +327,7 @@ def _check_entry_on_gpu(report: _Report, gpu: GpuTarget, entry: ConfigEntry) -> 
         return None
     requests = entry.requests()
     result = fit(product, requests)
-    if not result.fits:
+    if not result.fits or result.geometry is None:
         # A single-profile request is named by the reason itself; a mix is named first.
         prefix = "" if len(requests) == 1 else f"{_describe_requests(entry)}: "
         report.error(gpu, f"{prefix}{result.reason}")
@@ -344,7 +342,7 @@ def _check_entry_on_gpu(report: _Report, gpu: GpuTarget, entry: ConfigEntry) -> 
                 f"{profile} is another driver's name for {gi.name} on {product.key};"
                 " tools that match names (mig-parted, device plugin) see only one of them",
             )
-    for problem in _check_driver_profiles(gpu, result.geometry, entry):
+    for problem in _check_driver_profiles(gpu, result.geometry):
         report.error(gpu, f"{_describe_requests(entry)}: {problem}")
     return result.geometry
 

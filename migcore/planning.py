@@ -289,7 +289,10 @@ def desired_geometries(result: _Result, current: Mapping[int, GpuGeometry]) -> d
         if not verdict.mig_enabled:
             out[verdict.index] = GpuGeometry(False)
             continue
-        target = verdict.geometry if verdict.geometry is not None else GpuGeometry(True)
+        if verdict.geometry is None:
+            # Never "MIG on, no instances" by default: that would destroy what nothing judged.
+            raise ValueError(f'config "{result.name}": no layout was judged for GPU {verdict.index}')
+        target = verdict.geometry
         out[verdict.index] = target if now is None else keep_in_place(target, now)
     return out
 

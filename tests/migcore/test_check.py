@@ -8,6 +8,8 @@ import pytest
 
 from migcore.catalog import Catalog, Product, UnknownProductError, load_catalog, sanitise_product_name
 from migcore.check import (
+    CheckResult,
+    GpuVerdict,
     NodeHardware,
     check_config,
     clear_check_cache,
@@ -17,7 +19,9 @@ from migcore.check import (
     valid_config_names,
 )
 from migcore.config import ConfigEntry, MigPartedConfig, load_config_file, parse_config
+from migcore.geometry import GpuGeometry, GpuInstanceSpec
 from migcore.hardware import DiscoveredGpu, NodeGpus
+from migcore.planning import desired_geometries
 
 CATALOG: Catalog = load_catalog()
 DEFAULT = load_config_file(Path(__file__).parents[1] / "data" / "default-mig-parted-config.yaml")
@@ -247,18 +251,34 @@ def test_a_gpu_that_is_not_mig_capable() -> None:
     assert check_config(DEFAULT, "all-disabled", hardware).valid
 
 
-def test_an_unknown_product_is_a_warning_not_a_crash() -> None:
-    future = DiscoveredGpu(0, 0x3FFF10DE, "NVIDIA Future GPU", True, {"1g.50gb": 7})
-    result = check_config(DEFAULT, "all-1g.5gb", _report(future))
-    assert not result.valid  # the driver list says 1g.5gb is not offered
-    assert "the driver does not offer 1g.5gb" in result.errors[0]
-    unknown = DiscoveredGpu(0, 0x3FFF10DE, "NVIDIA Future GPU", True)
-    result = check_config(DEFAULT, "all-1g.5gb", _report(unknown))
-    assert result.valid
-    assert result.warnings == (
-        'config "all-1g.5gb" on NVIDIA Future GPU (GPU 0): GPU product not in the catalog'
-        " (NVIDIA Future GPU, PCI id 0x3FFF10DE); the layout is not checked",
-    )
+def test_a_gpu_nothing_can_judge_gets_no_instances_and_is_never_wiped() -> None:
+    """Regression (issue 9): no catalog entry and no driver table used to mean "valid, layout not
+    checked", which the planner turned into MIG on with no instances (a wiped GPU, `success`)."""
+    for future in (
+        DiscoveredGpu(0, 0x3FFF10DE, "NVIDIA Future GPU", True),
+        DiscoveredGpu(0, 0x3FFF10DE, "NVIDIA Future GPU", True, {"1g.5gb": 7}),  # v1: max counts only
+    ):
+        result = check_config(DEFAULT, "all-1g.5gb", _report(future))
+        assert not result.valid
+        assert result.errors == (
+            'config "all-1g.5gb" on NVIDIA Future GPU (GPU 0): 1g.5gb x7: this GPU (NVIDIA Future GPU,'
+            " PCI id 0x3FFF10DE) is not in mig-guard's catalog and the node reports no driver MIG table"
+            " for it, so nothing can judge where instances fit; refused rather than guessed (with MIG"
+            " on, e.g. all-enabled, the reconciler reports the driver's table)",
+        )
+        with pytest.raises(ValueError, match="is not valid"):
+            desired_geometries(result, {0: GpuGeometry(True, (GpuInstanceSpec(0, 8, "7g.40gb"),))})
+        # What can be judged without a table still can: MIG off, or on with no instances.
+        assert check_config(DEFAULT, "all-disabled", _report(future)).valid
+        enabled = check_config(DEFAULT, "all-enabled", _report(future))
+        assert enabled.valid and enabled.gpus[0].geometry == GpuGeometry(True)
+
+
+def test_the_planner_never_reads_a_missing_layout_as_no_instances() -> None:
+    verdict = GpuVerdict(0, "mig-configs.x[0]", True, None)
+    result = CheckResult("x", True, (), (), (verdict,))
+    with pytest.raises(ValueError, match="no layout was judged for GPU 0"):
+        desired_geometries(result, {0: GpuGeometry(True, (GpuInstanceSpec(0, 8, "7g.40gb"),))})
 
 
 def test_unknown_name_suggests_names_and_valid_configs() -> None:

@@ -8,14 +8,17 @@ import json
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from devcluster.helpers import create_gpu_node
 from migcore import keys
+from migcore.catalog import Catalog, catalog_from_data
 from migcore.geometry import GpuGeometry
 from migcore.hardware import NodeGpus
 from reconciler.config_source import FileConfigSource
@@ -283,3 +286,50 @@ def test_a_failed_change_is_retried_on_resync_not_on_a_wake_that_changes_nothing
     rec.reconcile("resync")
     labels, annotations = _node(rec)
     assert labels[keys.LABEL_MIG_STATE] == "success", annotations[keys.ANNOTATION_REASON]
+
+
+def _catalog_without(product_key: str) -> Catalog:
+    """The shipped catalog minus one product: stands in for a GPU that ships after the catalog."""
+    text = resources.files("migcore").joinpath("data/catalog.yaml").read_text()
+    data = yaml.safe_load(text)
+    del data["products"][product_key]
+    return catalog_from_data(data)
+
+
+def _without_tables(discover: Callable[[], NodeGpus]) -> Callable[[], NodeGpus]:
+    """The report as a reconciler that cannot read the driver's MIG table gives it."""
+
+    def without() -> NodeGpus:
+        report = discover()
+        gpus = tuple(replace(g, mig_table=None) if hasattr(g, "mig_table") else g for g in report.gpus)
+        return replace(report, gpus=gpus)
+
+    return without
+
+
+def test_a_gpu_no_catalog_and_no_driver_table_can_judge_is_never_wiped(
+    k8s_api: Any, tmp_path: Path, config_file: Path
+) -> None:
+    """Regression (issue 9): a product outside the catalog, reported without the driver's MIG table,
+    used to get "MIG on, no instances": its instances destroyed and the node reporting success."""
+    rec, sim = _make(k8s_api, tmp_path, config_file)
+    _label(rec, "all-3g.20gb")
+    rec.reconcile("label")
+    before = rec.access.geometries()
+    assert all(g.device_counts() == {"3g.20gb": 2} for g in before.values())
+
+    unknown = _catalog_without("A100-40GB")
+    rec.catalog = unknown
+    rec.access = GpuAccess(sim, catalog=unknown)
+    rec.access.discover = _without_tables(rec.access.discover)  # type: ignore[method-assign]
+    calls = len(sim.calls)
+    _label(rec, "all-1g.5gb")
+    rec.reconcile("label")
+    labels, annotations = _node(rec)
+    reason = annotations[keys.ANNOTATION_REASON]
+    assert labels[keys.LABEL_MIG_STATE] == "failed", reason
+    assert "not in mig-guard's catalog" in reason
+    assert rec.node.condition().reason == "InvalidConfig"
+    assert rec.access.geometries() == before
+    assert not any(c.endswith(("Destroy", "WithPlacement", "SetMigMode")) for c in sim.calls[calls:])
+    assert _no_hold(rec)
