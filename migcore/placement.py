@@ -1,9 +1,9 @@
 """Does a set of MIG devices fit one GPU, and where exactly?
 
 Input is a `mig-devices` map (profile -> count, where each count is one compute instance,
-as in mig-parted). Compute instances are packed into GPU instances (first fit, largest
-first), then GPU instances are placed on the product's placement grid by an exhaustive
-search over placements (never over creation orders). The answer is either a concrete
+as in mig-parted). Compute instances are packed into the fewest GPU instances of their profile
+(an exhaustive search, never a first fit), then GPU instances are placed on the product's
+placement grid by an exhaustive search over placements (never over creation orders). The answer is either a concrete
 geometry (a start slot per instance) or a sentence saying why it cannot fit.
 """
 
@@ -32,30 +32,84 @@ class FitResult:
 @dataclass
 class _PendingGi:
     profile: GpuInstanceProfile
-    used: int = 0  # bitmask of compute slices taken
     compute: list[ComputeInstanceSpec] = field(default_factory=list)
 
-    def try_add(self, ci: ComputeProfile) -> bool:
-        for start in ci.placements(self.profile.slices):
-            mask = ((1 << ci.slices) - 1) << start
-            if not self.used & mask:
-                self.used |= mask
-                # Named as mig-parted reads it back: the GI's attributes kept (`1g.5gb+me`).
-                name = self.profile.name.with_compute_slices(ci.slices)
-                self.compute.append(ComputeInstanceSpec(str(name), start))
-                return True
-        return False
+
+@dataclass(frozen=True)
+class _Content:
+    """What one GPU instance can hold: a count per compute profile, and one placement of them."""
+
+    counts: tuple[int, ...]
+    compute: tuple[ComputeInstanceSpec, ...]
 
 
 def _describe(counts: Counter[str]) -> str:
     return ", ".join(f"{name} x{n}" if n > 1 else name for name, n in counts.items())
 
 
+@lru_cache(maxsize=4096)
+def _contents(gi: GpuInstanceProfile, cis: tuple[ComputeProfile, ...]) -> tuple[_Content, ...]:
+    """Every distinct set of these compute instances one `gi` instance can hold (within each
+    compute profile's max count, on its placements, never overlapping), each with a placement."""
+    found: dict[tuple[int, ...], _Content] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+
+    def walk(first: int, used: int, counts: tuple[int, ...], specs: tuple[ComputeInstanceSpec, ...]) -> None:
+        if (used, counts) in seen:
+            return
+        seen.add((used, counts))
+        if any(counts):
+            found.setdefault(counts, _Content(counts, tuple(sorted(specs))))
+        for j in range(first, len(cis)):
+            ci = cis[j]
+            if counts[j] >= ci.max_count:
+                continue
+            for start in ci.placements(gi.slices):
+                mask = ((1 << ci.slices) - 1) << start
+                if used & mask:
+                    continue
+                # Named as mig-parted reads it back: the GI's attributes kept (`1g.5gb+me`).
+                spec = ComputeInstanceSpec(str(gi.name.with_compute_slices(ci.slices)), start)
+                more = (*counts[:j], counts[j] + 1, *counts[j + 1 :])
+                walk(j, used | mask, more, (*specs, spec))
+
+    walk(0, 0, (0,) * len(cis), ())
+    # Fuller contents first: the search below tries them first and finds few-instance packings early.
+    return tuple(sorted(found.values(), key=lambda c: (-sum(c.counts), c.counts)))
+
+
+def _fewest_instances(target: tuple[int, ...], contents: tuple[_Content, ...]) -> tuple[_Content, ...] | None:
+    """The fewest GPU instances whose contents add up to exactly `target` (None: impossible).
+
+    Exhaustive (memoised on what is left): the compute instance of the first profile still
+    needed must sit in some instance, so only contents holding one of it are tried there."""
+    memo: dict[tuple[int, ...], tuple[_Content, ...] | None] = {}
+
+    def best(left: tuple[int, ...]) -> tuple[_Content, ...] | None:
+        if not any(left):
+            return ()
+        if left in memo:
+            return memo[left]
+        first = next(i for i, n in enumerate(left) if n)
+        choice: tuple[_Content, ...] | None = None
+        for content in contents:
+            if not content.counts[first] or any(c > n for c, n in zip(content.counts, left, strict=True)):
+                continue
+            rest = best(tuple(n - c for n, c in zip(left, content.counts, strict=True)))
+            if rest is not None and (choice is None or len(rest) + 1 < len(choice)):
+                choice = (content, *rest)
+        memo[left] = choice
+        return choice
+
+    return best(target)
+
+
 def _pack_compute(
     product: Product, requests: Mapping[MigProfile, int]
 ) -> tuple[list[_PendingGi], str | None]:
-    """Group compute instances into GPU instances (first fit decreasing by CI size)."""
-    items: list[tuple[GpuInstanceProfile, ComputeProfile]] = []
+    """Group compute instances into the fewest GPU instances of their profile (exhaustively: a
+    first fit would call `2c.7g.40gb` x2 + `3c.7g.40gb` two instances; it fits one)."""
+    wanted: dict[GpuInstanceProfile, Counter[ComputeProfile]] = {}
     for profile, count in requests.items():
         if count < 0:
             return [], f"{profile}: count {count} is negative"
@@ -63,21 +117,39 @@ def _pack_compute(
             gi, ci = product.resolve(profile)
         except ProfileNotOnProductError as exc:
             return [], str(exc)
-        items.extend([(gi, ci)] * count)
-    # Largest GI first, then largest CI first: the order mig-parted flattens in.
-    items.sort(
-        key=lambda pair: (-pair[0].placement_size, -pair[0].slices, str(pair[0].name), -pair[1].slices)
-    )
+        wanted.setdefault(gi, Counter())[ci] += count
     gis: list[_PendingGi] = []
-    for gi, ci in items:
-        for pending in gis:
-            if pending.profile is gi and pending.try_add(ci):
-                break
-        else:
-            pending = _PendingGi(gi)
-            if not pending.try_add(ci):
-                return [], f"compute profile {ci.name} does not fit in a {gi.name} GPU instance"
-            gis.append(pending)
+    # Largest GI first: the order mig-parted flattens in, and the order reasons name them.
+    for gi in sorted(wanted, key=lambda g: (-g.placement_size, -g.slices, str(g.name))):
+        cis = tuple(sorted(wanted[gi], key=lambda c: (-c.slices, c.nvml_ci_profile_id)))
+        target = tuple(wanted[gi][ci] for ci in cis)
+        names = _describe(
+            Counter({str(gi.name.with_compute_slices(c.slices)): n for c, n in zip(cis, target, strict=True)})
+        )
+        # A bound first, so that the exact search below never runs on absurd counts.
+        least = max(
+            -(-sum(c.slices * n for c, n in zip(cis, target, strict=True)) // gi.slices),
+            *(-(-n // max(1, c.max_count)) for c, n in zip(cis, target, strict=True)),
+        )
+        if least > gi.max_count:
+            if all(c.slices == gi.slices for c in cis):  # one whole instance each: the bound is exact
+                need = f"{gi.name} x{least} needs {least} GPU instances"
+            else:
+                need = (
+                    f"{names} need{'s' if sum(target) == 1 else ''} at least {least} {gi.name} GPU instances"
+                )
+            return [], f"{need}; {product.key} allows at most {gi.max_count} of {gi.name}"
+        contents = _contents(gi, cis)
+        for ci, n in zip(cis, target, strict=True):
+            if n and not any(c.counts[cis.index(ci)] for c in contents):
+                return (
+                    [],
+                    f"compute profile {gi.name.with_compute_slices(ci.slices)} does not fit in a {gi.name} GPU instance",
+                )
+        packing = _fewest_instances(target, contents)
+        if packing is None:  # pragma: no cover - every single compute instance fits (checked above)
+            return [], f"{names} do not fit in {gi.name} GPU instances"
+        gis.extend(_PendingGi(gi, list(content.compute)) for content in packing)
     return gis, None
 
 

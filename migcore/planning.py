@@ -325,28 +325,48 @@ def _ci_starts(ci_profile: str, gi_profile: str) -> range:
 def _rebase_compute(
     gi_profile: str, want: Sequence[ComputeInstanceSpec], have: Sequence[ComputeInstanceSpec]
 ) -> tuple[ComputeInstanceSpec, ...]:
-    """`want`'s CI profiles, keeping as many of `have`'s CIs (same profile and start) as fit."""
+    """`want`'s CI profiles, keeping as many of `have`'s CIs (same profile and start) as can stay
+    while the rest still fit (an exhaustive search: CI sets are a handful; `want` if nothing stays)."""
     needed = Counter(ci.profile for ci in want)
-    kept: list[ComputeInstanceSpec] = []
-    for ci in sorted(have):
-        if needed[ci.profile] > 0:
-            needed[ci.profile] -= 1
-            kept.append(ci)
-    used = 0
-    for ci in kept:
-        used |= ((1 << parse_profile(ci.profile).compute_slices) - 1) << ci.start
-    placed = list(kept)
-    for profile in sorted(needed.elements(), key=lambda p: -parse_profile(p).compute_slices):
-        size = parse_profile(profile).compute_slices
-        for start in _ci_starts(profile, gi_profile):
-            mask = ((1 << size) - 1) << start
-            if not used & mask:
+    keepable = [ci for ci in sorted(have) if ci.profile in needed]
+    for r in range(len(keepable), 0, -1):
+        for kept in itertools.combinations(keepable, r):
+            kept_counts = Counter(ci.profile for ci in kept)
+            if any(n > needed[p] for p, n in kept_counts.items()):
+                continue
+            left = needed - kept_counts
+            used = 0
+            for ci in kept:
+                mask = ((1 << parse_profile(ci.profile).compute_slices) - 1) << ci.start
+                if used & mask:
+                    break
                 used |= mask
-                placed.append(ComputeInstanceSpec(profile, start))
-                break
-        else:
-            return tuple(sorted(want))
-    return tuple(sorted(placed))
+            else:
+                rest = _place_compute(gi_profile, sorted(left.elements()), used)
+                if rest is not None:
+                    return tuple(sorted((*kept, *rest)))
+    return tuple(sorted(want))
+
+
+def _place_compute(gi_profile: str, profiles: Sequence[str], used: int) -> list[ComputeInstanceSpec] | None:
+    """Starts for `profiles` inside a `gi_profile` GI around the `used` slices (backtracking)."""
+    order = sorted(profiles, key=lambda p: -parse_profile(p).compute_slices)
+    placed: list[ComputeInstanceSpec] = []
+
+    def place(k: int, taken: int) -> bool:
+        if k == len(order):
+            return True
+        size = parse_profile(order[k]).compute_slices
+        for start in _ci_starts(order[k], gi_profile):
+            mask = ((1 << size) - 1) << start
+            if not taken & mask:
+                placed.append(ComputeInstanceSpec(order[k], start))
+                if place(k + 1, taken | mask):
+                    return True
+                placed.pop()
+        return False
+
+    return placed if place(0, used) else None
 
 
 def _place_rest(

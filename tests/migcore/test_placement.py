@@ -17,10 +17,10 @@ import itertools
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from migcore.catalog import Catalog, Product, load_catalog
+from migcore.catalog import Catalog, ComputeProfile, GpuInstanceProfile, Product, load_catalog
 from migcore.geometry import GpuGeometry
 from migcore.placement import FitResult, fit
 from migcore.profiles import MigProfile, parse_profile
@@ -287,3 +287,92 @@ def test_search_agrees_with_brute_force(case: tuple[Product, dict[MigProfile, in
         if not requests:
             return
     assert fit(product, requests).fits is _brute_force_fits(product, requests)
+
+
+def test_compute_instances_are_packed_exhaustively_not_first_fit() -> None:
+    # mig-parted's own tests: one 7g instance holds 2c@0, 2c@2 and 3c@4; a first fit that puts the
+    # 3c at 0 leaves no room for the second 2c and called it "needs 2 GPU instances".
+    result = _fit("A100-40GB", {"2c.7g.40gb": 2, "3c.7g.40gb": 1})
+    assert result.fits, result.reason
+    assert result.geometry is not None
+    ((gi),) = result.geometry.instances
+    assert [(c.profile, c.start) for c in gi.compute] == [
+        ("2c.7g.40gb", 0),
+        ("2c.7g.40gb", 2),
+        ("3c.7g.40gb", 4),
+    ]
+    assert _fit("A100-40GB", {"1c.3g.20gb": 1, "2c.3g.20gb": 1, "3g.20gb": 1}).fits
+    assert _fit("A100-40GB", {"2c.7g.40gb": 3, "1c.7g.40gb": 1}).fits
+    refused = _fit("A100-40GB", {"3c.7g.40gb": 2, "2c.7g.40gb": 1})
+    assert (
+        refused.reason
+        == "3c.7g.40gb x2, 2c.7g.40gb need at least 2 7g.40gb GPU instances; A100-40GB allows at most 1 of 7g.40gb"
+    )
+
+
+def _brute_force_instances(gi: GpuInstanceProfile, cis: list[ComputeProfile]) -> int | None:
+    """Oracle: the fewest `gi` instances holding `cis`, trying every assignment to instances and
+    every start of every compute instance (None: some compute instance fits no instance at all)."""
+
+    def holds(group: list[ComputeProfile]) -> bool:
+        per_profile = Counter(id(c) for c in group)
+        if any(per_profile[id(c)] > c.max_count for c in group):
+            return False
+        for starts in itertools.product(*(c.placements(gi.slices) for c in group)):
+            used = 0
+            for ci, start in zip(group, starts, strict=True):
+                mask = ((1 << ci.slices) - 1) << start
+                if used & mask or start + ci.slices > gi.slices:
+                    break
+                used |= mask
+            else:
+                return True
+        return False
+
+    if not all(holds([c]) for c in cis):
+        return None
+    for k in range(1, len(cis) + 1):
+        for assignment in itertools.product(range(k), repeat=len(cis)):
+            groups = [[c for c, a in zip(cis, assignment, strict=True) if a == b] for b in range(k)]
+            if all(holds(g) for g in groups if g):
+                return k
+    raise AssertionError("unreachable: one instance per compute instance always works")
+
+
+@st.composite
+def _compute_requests(draw: st.DrawFn) -> tuple[Product, GpuInstanceProfile, dict[ComputeProfile, int]]:
+    product = draw(st.sampled_from(_PRODUCTS))
+    gi = draw(st.sampled_from([g for g in product.profiles if len(g.compute_profiles) > 1]))
+    chosen = draw(st.lists(st.sampled_from(gi.compute_profiles), min_size=1, max_size=3, unique_by=id))
+    counts = {ci: draw(st.integers(1, 3)) for ci in chosen}
+    while sum(counts.values()) > 6:  # keep the oracle's search small
+        counts.pop(next(iter(counts)))
+    return product, gi, counts
+
+
+_A100_7G = CATALOG.products["A100-40GB"].profiles[-1]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_compute_requests())
+@example(
+    (
+        CATALOG.products["A100-40GB"],
+        _A100_7G,
+        {_A100_7G.compute_profiles[1]: 2, _A100_7G.compute_profiles[2]: 1},
+    )
+)
+def test_compute_packing_agrees_with_brute_force(
+    case: tuple[Product, GpuInstanceProfile, dict[ComputeProfile, int]],
+) -> None:
+    product, gi, counts = case
+    least = _brute_force_instances(gi, [ci for ci, n in counts.items() for _ in range(n)])
+    assert least is not None  # every catalog compute profile fits its GPU instance
+    requests = {gi.name.with_compute_slices(ci.slices): n for ci, n in counts.items()}
+    result = fit(product, requests)
+    placeable = least <= gi.max_count and _brute_force_fits(product, {gi.name: least})
+    assert result.fits is placeable, (requests, least, result.reason)
+    if result.fits:
+        assert result.geometry is not None
+        assert len(result.geometry.instances) == least
+        _check_geometry(product, result.geometry)
