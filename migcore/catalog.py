@@ -51,15 +51,25 @@ class ComputeProfile:
     nvml_ci_profile_id: int
     max_count: int
     unconfirmed: Mapping[str, str] = field(default_factory=dict)
+    starts: tuple[int, ...] | None = None  # the driver's own placements, when it reported them
 
     def placements(self, gi_slices: int) -> tuple[int, ...]:
         """Start slices of this CI inside a `gi_slices` GI.
 
-        NVML aligns compute instances to the next power of two of their size (a 3c CI in a
-        7g GI starts at 0 or 4); this reproduces the published CI counts per GI.
+        The driver's placements when known; otherwise NVML's alignment of compute instances to
+        the next power of two of their size (a 3c CI in a 7g GI starts at 0 or 4), which
+        reproduces the published CI counts per GI.
         """
-        step = 1 << (self.slices - 1).bit_length()
-        return tuple(range(0, gi_slices - self.slices + 1, step))
+        if self.starts is not None:
+            return self.starts
+        return aligned_compute_starts(self.slices, gi_slices)
+
+
+def aligned_compute_starts(ci_slices: int, gi_slices: int) -> tuple[int, ...]:
+    """Where NVML places a `ci_slices` compute instance in a `gi_slices` GPU instance on every
+    GPU the catalog knows: aligned to the next power of two of its size."""
+    step = 1 << (ci_slices - 1).bit_length()
+    return tuple(range(0, gi_slices - ci_slices + 1, step))
 
 
 @dataclass(frozen=True, eq=False)

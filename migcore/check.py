@@ -10,8 +10,13 @@ config, the GPUs (identical GPUs grouped), the profile and the reason.
 Matching rule with only the `nvidia.com/gpu.product` label: the exact board id is unknown,
 so a `device-filter` item matches when its device id is ANY of the catalog's PCI ids for the
 product (products in the catalog group boards with identical MIG geometry, so any of them
-gives the same verdict). A filter's subsystem part cannot be verified from a label or from
-the hardware report; it is assumed to match, with a warning.
+gives the same verdict). A filter's subsystem part is matched exactly against a (version 2)
+hardware report, as mig-parted matches it; from a label it cannot be verified and is assumed
+to match, with a warning.
+
+Where the report carries the driver's MIG table (migcore.driver_table), placement and fit are
+decided from it: exactly for a GPU no catalog knows, and over the catalog where they disagree
+(a warning says so). A GPU with neither gets no MIG instances: nothing could judge them.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from typing import Any
 
 from migcore.catalog import Catalog, Product, UnknownProductError, format_pci_device_id, load_catalog
 from migcore.config import ConfigEntry, DeviceFilter, MigPartedConfig
+from migcore.driver_table import MigTable, compare, table_product, unread_compute_profiles
 from migcore.geometry import GpuGeometry
-from migcore.hardware import NodeGpus
+from migcore.hardware import DiscoveredGpu, NodeGpus
 from migcore.placement import fit
-from migcore.profiles import MigProfile
+from migcore.profiles import MigProfile, ProfileError, parse_profile
 
 SOURCE_LABELS = "labels"
 SOURCE_REPORT = "report"
@@ -38,7 +44,8 @@ _MEMO_SIZE = 4096
 
 @dataclass(frozen=True)
 class GpuTarget:
-    """One GPU as far as a check knows it (from labels: a product; from the report: ids too)."""
+    """One GPU as far as a check knows it (from labels: a product; from the report: ids too, and
+    the driver's MIG table when the reconciler could read it)."""
 
     index: int
     product: Product | None
@@ -46,26 +53,50 @@ class GpuTarget:
     pci_device_id: int | None
     mig_capable: bool
     driver_profiles: Mapping[str, int] | None
+    subsystem_id: int | None = None
+    mig_table: MigTable | None = None
+    table: Product | None = None  # the driver's table as a product: it judges when present
+    disagreements: tuple[str, ...] = ()  # where the driver's table and the catalog disagree
+
+    @property
+    def judge(self) -> Product | None:
+        """What placement and fit are decided from: the driver's table, else the catalog."""
+        return self.table if self.table is not None else self.product
 
     def key(self) -> tuple[object, ...]:
         """Hashable identity of everything a verdict reads from this GPU."""
         profiles = None if self.driver_profiles is None else tuple(sorted(self.driver_profiles.items()))
         product = None if self.product is None else self.product.key
-        return (self.index, product, self.name, self.pci_device_id, self.mig_capable, profiles)
+        table = None if self.mig_table is None else self.mig_table.digest
+        return (
+            self.index,
+            product,
+            self.name,
+            self.pci_device_id,
+            self.subsystem_id,
+            self.mig_capable,
+            profiles,
+            table,
+        )
 
 
 @dataclass(frozen=True)
 class NodeHardware:
-    """The GPUs of a node. `product` is set when every GPU is the same catalog product."""
+    """The GPUs of a node. `product` is set when every GPU is the same catalog product.
+
+    With the count unknown, `gpus` are the GPUs known to exist (one stands for them all when
+    nothing is known) and `count_note` says why the count is unknown, when labels say something
+    else than a GPU count (GPU Feature Discovery's single MIG strategy)."""
 
     product: Product | None
     gpus: tuple[GpuTarget, ...]
     gpu_count_known: bool
     source: str
+    count_note: str = ""
     _key: tuple[object, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        key = (self.source, self.gpu_count_known, *(gpu.key() for gpu in self.gpus))
+        key = (self.source, self.gpu_count_known, self.count_note, *(gpu.key() for gpu in self.gpus))
         object.__setattr__(self, "_key", key)
 
     def cache_key(self) -> tuple[object, ...]:
@@ -77,24 +108,72 @@ class NodeHardware:
         if not self.gpus:
             return "a node without GPUs"
         names = list(dict.fromkeys(gpu.name for gpu in self.gpus))
+        if self.count_note:
+            return f"{', '.join(names)} ({self.count_note})"
         if not self.gpu_count_known:
             return f"{', '.join(names)} (GPU count unknown)"
         return f"{', '.join(names)} x{len(self.gpus)}"
+
+
+def _single_strategy_profile(label: str) -> str | None:
+    """`1g.5gb` for a `...-MIG-1g.5gb[-SHARED]` product label, `INVALID` for `-MIG-INVALID`,
+    None for a label that names whole GPUs."""
+    value = label.strip().removesuffix("-SHARED")
+    mig = value.find("-MIG-")
+    return value[mig + 5 :] if mig > 0 else None
+
+
+def _per_gpu(product: Product, suffix: str) -> int | None:
+    """At most how many MIG devices of the label's profile one GPU holds (None: unknown)."""
+    for text in (
+        suffix,
+        *(suffix[: -len(a) - 1] + "+" + a for a in ("me.all", "me", "gfx") if suffix.endswith("." + a)),
+    ):
+        try:
+            profile = parse_profile(text)
+        except ProfileError:
+            continue
+        gi = product.gpu_instance_profile(profile)
+        ci = None if gi is None else gi.compute_profile(profile.compute_slices)
+        if gi is not None and ci is not None:
+            return gi.max_count * (ci.max_count if profile.is_compute_profile else 1)
+    return None
 
 
 def hardware_from_labels(catalog: Catalog, product_label: str, gpu_count: int | None) -> NodeHardware:
     """Hardware as GPU Feature Discovery labels describe it (`gpu.product`, `gpu.count`).
 
     Raises UnknownProductError. Without a count the node is one representative GPU and
-    `gpu_count_known` is False (device indexes then cannot be checked).
+    `gpu_count_known` is False (device indexes then cannot be checked). Under GFD's single MIG
+    strategy (`-MIG-<profile>`, `-MIG-INVALID`) `gpu.count` counts MIG devices, not GPUs: the
+    GPUs are then known only as far as the count implies (at least count / max per GPU).
     """
     product = catalog.by_label(product_label)
     if gpu_count is not None and gpu_count < 0:
         raise ValueError(f"GPU count {gpu_count} is negative")
     name = product_label.strip()
-    count = 1 if gpu_count is None else gpu_count
-    gpus = tuple(GpuTarget(i, product, name, None, True, None) for i in range(count))
-    return NodeHardware(product, gpus, gpu_count is not None, SOURCE_LABELS)
+
+    def gpus(n: int) -> tuple[GpuTarget, ...]:
+        return tuple(GpuTarget(i, product, name, None, True, None) for i in range(n))
+
+    suffix = _single_strategy_profile(product_label)
+    if suffix is None:
+        count = 1 if gpu_count is None else gpu_count
+        return NodeHardware(product, gpus(count), gpu_count is not None, SOURCE_LABELS)
+    strategy = "GPU Feature Discovery's single MIG strategy"
+    if suffix == "INVALID" or not gpu_count:
+        note = f"GPU count unknown: with {strategy} the labels do not count GPUs"
+        return NodeHardware(product, gpus(1), False, SOURCE_LABELS, note)
+    per_gpu = _per_gpu(product, suffix)
+    least = 1 if per_gpu is None else -(-gpu_count // per_gpu)
+    if least == gpu_count:  # e.g. one MIG device: exactly one GPU
+        return NodeHardware(product, gpus(least), True, SOURCE_LABELS)
+    most = "" if per_gpu is None else f", at most {per_gpu} per GPU"
+    note = (
+        f"at least {least} GPU{'s' if least > 1 else ''}: with {strategy} gpu.count counts the"
+        f" {gpu_count} MIG devices of {suffix}{most}"
+    )
+    return NodeHardware(product, gpus(least), False, SOURCE_LABELS, note)
 
 
 def _product_of(catalog: Catalog, pci_device_id: int, name: str) -> Product | None:
@@ -108,19 +187,30 @@ def _product_of(catalog: Catalog, pci_device_id: int, name: str) -> Product | No
         return None
 
 
-def hardware_from_report(catalog: Catalog, report: NodeGpus) -> NodeHardware:
-    """Hardware as the reconciler reported it: products by PCI id, falling back to the NVML name."""
-    gpus = tuple(
-        GpuTarget(
-            index=gpu.index,
-            product=_product_of(catalog, gpu.pci_device_id, gpu.name),
-            name=gpu.name,
-            pci_device_id=gpu.pci_device_id,
-            mig_capable=gpu.mig_capable,
-            driver_profiles=dict(gpu.profiles) if gpu.profiles else None,
-        )
-        for gpu in report.gpus
+def _target(catalog: Catalog, gpu: DiscoveredGpu) -> GpuTarget:
+    product = _product_of(catalog, gpu.pci_device_id, gpu.name)
+    table = disagreements = None
+    if gpu.mig_table is not None:
+        table = table_product(gpu.mig_table, gpu.name, gpu.pci_device_id, gpu.memory_mib, product)
+        disagreements = compare(gpu.mig_table, product) if product is not None else ()
+    return GpuTarget(
+        index=gpu.index,
+        product=product,
+        name=gpu.name,
+        pci_device_id=gpu.pci_device_id,
+        mig_capable=gpu.mig_capable,
+        driver_profiles=dict(gpu.profiles) if gpu.profiles and gpu.mig_table is None else None,
+        subsystem_id=gpu.pci_subsystem_id,
+        mig_table=gpu.mig_table,
+        table=table,
+        disagreements=disagreements or (),
     )
+
+
+def hardware_from_report(catalog: Catalog, report: NodeGpus) -> NodeHardware:
+    """Hardware as the reconciler reported it: products by PCI id, falling back to the NVML name;
+    the driver's MIG table, where reported, judges instead of the catalog."""
+    gpus = tuple(_target(catalog, gpu) for gpu in report.gpus)
     products = {id(g.product): g.product for g in gpus}
     product = next(iter(products.values())) if len(products) == 1 else None
     return NodeHardware(product, gpus, True, SOURCE_REPORT)
@@ -217,6 +307,8 @@ def _filter_applies(filters: tuple[DeviceFilter, ...], gpu: GpuTarget) -> bool:
     if not filters:
         return True
     if gpu.pci_device_id is not None:
+        if gpu.subsystem_id is not None:  # the report has the board's ids: exact, as mig-parted
+            return any(f.matches(gpu.pci_device_id, gpu.subsystem_id) for f in filters)
         return any(f.device_id == gpu.pci_device_id for f in filters)
     if gpu.product is None:
         return False
@@ -307,7 +399,7 @@ def _check_entry_on_gpu(report: _Report, gpu: GpuTarget, entry: ConfigEntry) -> 
     if not gpu.mig_capable:
         report.error(gpu, f"entry {where} enables MIG, but this GPU is not MIG-capable")
         return None
-    product = gpu.product
+    product = gpu.judge
     if product is None:
         if not entry.requests():
             return GpuGeometry(True)  # MIG on, no instances: nothing to place
@@ -336,11 +428,31 @@ def _check_entry_on_gpu(report: _Report, gpu: GpuTarget, entry: ConfigEntry) -> 
         report.warning(gpu, warning)
     for profile in requests:
         gi = product.gpu_instance_profile(profile)
-        if gi is not None and gi.name != profile.gpu_instance:
+        if gi is None:
+            continue
+        if gi.name != profile.gpu_instance:
+            if gpu.table is not None:
+                report.warning(
+                    gpu,
+                    f"{profile} is this driver's own name (nvidia-smi's) for {gi.name}; mig-parted and the"
+                    f" device plugin call it {gi.name}",
+                )
+            else:
+                report.warning(
+                    gpu,
+                    f"{profile} is another driver's name for {gi.name} on {product.key};"
+                    " tools that match names (mig-parted, device plugin) see only one of them",
+                )
+        if (
+            profile.is_compute_profile
+            and gpu.mig_table is not None
+            and unread_compute_profiles(gpu.mig_table, gi.name)
+        ):
+            source = "the catalog" if gpu.product is not None else "NVML's usual alignment"
             report.warning(
                 gpu,
-                f"{profile} is another driver's name for {gi.name} on {product.key};"
-                " tools that match names (mig-parted, device plugin) see only one of them",
+                f"{profile}: the driver's compute profiles of {gi.name} are not known yet (NVML reports"
+                f" them only for an existing {gi.name} instance); judged by {source}",
             )
     for problem in _check_driver_profiles(gpu, result.geometry):
         report.error(gpu, f"{_describe_requests(entry)}: {problem}")
@@ -362,8 +474,21 @@ def _check_uncached(config: MigPartedConfig, name: str, hardware: NodeHardware) 
     entries = config.configs.get(name)
     if entries is None:
         return _unknown_name(config, name, hardware)
-    gpus = list(hardware.gpus) if hardware.gpu_count_known else _expand_unknown_count(entries, hardware)
+    known_only = hardware.gpu_count_known or bool(hardware.count_note)
+    gpus = list(hardware.gpus) if known_only else _expand_unknown_count(entries, hardware)
     report = _Report(name, gpus, hardware.gpu_count_known)
+    if hardware.count_note:
+        # Labels that count something else than GPUs: an index past those known to exist may not
+        # exist at all, and then the entry would silently do nothing there.
+        for entry in entries:
+            if entry.devices is None or not any(_filter_applies(entry.device_filters, g) for g in gpus):
+                continue
+            for i, index in enumerate(entry.devices):
+                if index >= len(gpus):
+                    report.plain_errors.append(
+                        f'config "{name}": {entry.path}.devices[{i}]: GPU {index} may not exist on this'
+                        f" node ({hardware.count_note})"
+                    )
     if hardware.gpu_count_known:
         count = len(hardware.gpus)
         for entry in entries:
@@ -396,8 +521,17 @@ def _check_uncached(config: MigPartedConfig, name: str, hardware: NodeHardware) 
         if hardware.source == SOURCE_LABELS:
             _warn_partial_filter(report, gpu, entry)
         geometry = _check_entry_on_gpu(report, gpu, entry)
+        if entry.mig_enabled and gpu.disagreements:
+            more = len(gpu.disagreements) - 1
+            report.warning(
+                gpu,
+                f"the driver's MIG table and mig-guard's catalog ({gpu.product.key if gpu.product else '?'})"
+                f" disagree: {gpu.disagreements[0]}{f' (and {more} more)' if more else ''}; judged by the"
+                " driver's table",
+            )
         verdicts.append(GpuVerdict(gpu.index, entry.path, entry.mig_enabled, geometry))
-    if subsystem_filters and any(v.entry is not None for v in verdicts):
+    unknown_subsystem = any(g.subsystem_id is None for g, v in zip(gpus, verdicts, strict=True) if v.entry)
+    if subsystem_filters and unknown_subsystem:
         report.plain_warnings.append(
             f'config "{name}": the subsystem part of {", ".join(subsystem_filters)} cannot be checked'
             " here; assumed to match"

@@ -2,9 +2,10 @@
 
 Upstream semantics (see mig-parted `api/spec/v1/spec.go`), but stricter where upstream is
 silently wrong: a device filter mig-parted cannot parse (it would match nothing) is an error,
-unknown fields and duplicate keys are errors, and every `mig-devices` profile must exist on at
-least one product of the catalog (upstream turns an unknown profile into an empty layout and
-reports success). Every deliberate difference is listed in docs/reference.md. All problems are
+unknown fields and duplicate keys are errors. A `mig-devices` profile no catalog product has is
+a warning here (a GPU outside the catalog may offer it) and an error in the verdict for any GPU
+that does not offer it (upstream turns an unknown profile into an empty layout and reports
+success). Every deliberate difference is listed in docs/reference.md. All problems are
 collected and raised at once; each message names its place in the file, e.g.
 `mig-configs.all-balanced[3].device-filter: "0x20B" is not a PCI device id ...`.
 """
@@ -72,10 +73,13 @@ class ConfigEntry:
 
 @dataclass(frozen=True)
 class MigPartedConfig:
-    """A parsed config file. `digest` identifies the exact source bytes (for caching verdicts)."""
+    """A parsed config file. `digest` identifies the exact source bytes (for caching verdicts);
+    `warnings` name what parses but looks wrong (a profile no catalog GPU has: a typo, or a GPU
+    only its driver's table describes)."""
 
     configs: Mapping[str, tuple[ConfigEntry, ...]]
     digest: str
+    warnings: tuple[str, ...] = ()
 
     def names(self) -> list[str]:
         return list(self.configs)
@@ -249,6 +253,7 @@ class _EntryParser:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.errors: list[str] = []
+        self.warnings: list[str] = []
 
     def entry(self, raw: Any, path: str) -> ConfigEntry | None:
         if not isinstance(raw, dict):
@@ -354,9 +359,12 @@ class _EntryParser:
                 continue
             seen[profile] = str(key)
             if profile not in _known_profiles(self.catalog):
+                # Not an error: a GPU the catalog does not know may offer it (its driver table says).
                 closest = _closest_profiles(profile, self.catalog)
-                self.errors.append(f"{place}: profile {profile} exists on no known GPU; closest: {closest}")
-                continue
+                self.warnings.append(
+                    f"{place}: profile {profile} exists on no GPU in mig-guard's catalog (closest: {closest});"
+                    " only a GPU whose driver reports it can take it"
+                )
             parsed.append((profile, count))
         if value and parsed and len(parsed) == len(value) and not any(c for _, c in parsed):
             self.errors.append(f"{where}: all counts are 0 (use {{}} for MIG on with no devices)")
@@ -389,6 +397,7 @@ def parse_config(text: str | bytes, catalog: Catalog | None = None) -> MigParted
             [f"config: expected a mapping with version and mig-configs, not {type(data).__name__}"]
         )
     errors: list[str] = []
+    warnings: list[str] = []
     if "version" not in data:
         errors.append(f'version: missing (must be "{SUPPORTED_VERSION}")')
     elif data["version"] != SUPPORTED_VERSION:
@@ -418,9 +427,10 @@ def parse_config(text: str | bytes, catalog: Catalog | None = None) -> MigParted
             entries = [parser.entry(raw, f"{path}[{i}]") for i, raw in enumerate(raw_entries)]
             configs[name] = tuple(e for e in entries if e is not None)
         errors.extend(parser.errors)
+        warnings.extend(parser.warnings)
     if errors:
         raise ConfigError(errors)
-    return MigPartedConfig(configs, hashlib.sha256(raw_bytes).hexdigest())
+    return MigPartedConfig(configs, hashlib.sha256(raw_bytes).hexdigest(), tuple(warnings))
 
 
 def load_config_file(path: str | Path, catalog: Catalog | None = None) -> MigPartedConfig:

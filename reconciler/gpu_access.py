@@ -14,6 +14,7 @@ NVML error, in a sentence fit for the node's reason annotation.
 from __future__ import annotations
 
 import ctypes
+import logging
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,13 +22,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 from migcore.catalog import Catalog, Product, UnknownProductError, load_catalog
+from migcore.driver_table import (
+    ComputeProfileEntry,
+    GpuInstanceProfileEntry,
+    MigTable,
+    gpu_instance_profile_name,
+)
 from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec
 from migcore.hardware import DiscoveredGpu, NodeGpus
 from migcore.planning import GpuPlan, Operation
 from migcore.profiles import MigProfile, ProfileError, parse_profile
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[Operation, int], None]
+Model = tuple[int, int | None, str]  # (PCI device id, subsystem id, name): one driver table each
 _NOT_A_MIG_ID = 0xFFFFFFFF
+_MIB = 1024 * 1024
 
 
 class GpuError(Exception):
@@ -77,6 +88,7 @@ def _failed(gpu: int | None, step: Operation | str, fn: Callable[..., Any], exc:
 class _GiRecord:
     handle: Any
     id: int
+    const: int  # NVML_GPU_INSTANCE_PROFILE_*
     profile: MigProfile
     start: int
     size: int
@@ -109,6 +121,11 @@ class GpuAccess:
         self._gi_infos: dict[int, dict[int, Any]] = {}  # GPU -> NVML GI profile constant -> info
         self._ci_infos: dict[tuple[int, int], dict[int, Any]] = {}  # (GPU, GI constant) -> CI const -> info
         self._placements: dict[tuple[int, int], dict[int, int]] = {}  # (GPU, info.id) -> start -> size
+        self._memory: dict[int, int] = {}  # GPU -> total memory in MiB (0: unknown)
+        # What this process learned of each GPU model's compute profiles (NVML reports them only
+        # through an existing GPU instance): they stay known when the instances are gone.
+        self._compute_tables: dict[tuple[Model, int], tuple[ComputeProfileEntry, ...]] = {}
+        self._tables: dict[Model, MigTable] = {}
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -173,20 +190,42 @@ class GpuAccess:
             raise
         return True
 
+    def _memory_mib(self, index: int) -> int:
+        if index not in self._memory:
+            info = self._call(
+                index, "read the memory size", self.nvml.nvmlDeviceGetMemoryInfo, self._handle(index)
+            )
+            self._memory[index] = int(info.total) // _MIB
+        return self._memory[index]
+
+    @staticmethod
+    def _driver_name(info: Any) -> MigProfile | None:
+        """The name in a version-2 profile info (`MIG 1g.5gb`), if it has a valid one."""
+        raw = getattr(info, "name", b"")
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        try:
+            return parse_profile(text.removeprefix("MIG ").strip())
+        except ProfileError:
+            return None
+
     def _profile_name(self, index: int, profile_const: int, info: Any) -> MigProfile:
+        """The name go-nvlib (mig-parted, the device plugin, GFD) gives this GPU-instance profile,
+        computed from the memory sizes; else the driver's own name; else the catalog's."""
+        total, memory = self._memory_mib(index), int(getattr(info, "memorySizeMB", 0))
+        if total > 0 and memory > 0:
+            return gpu_instance_profile_name(profile_const, int(info.sliceCount), memory, total)
+        named = self._driver_name(info)
+        if named is not None:
+            return named
         product = self.product(index)
         found = product.profile_by_nvml_id(profile_const) if product else None
         if found is not None:
             return found.name
-        name = str(info.name) if hasattr(info, "name") else ""
-        try:
-            return parse_profile(name.removeprefix("MIG ").strip())
-        except ProfileError as exc:
-            raise GpuError(
-                f"GPU {index}: cannot name GPU-instance profile {profile_const} (driver says {name!r})",
-                gpu=index,
-                operation="name a profile",
-            ) from exc
+        raise GpuError(
+            f"GPU {index}: cannot name GPU-instance profile {profile_const} (driver says {getattr(info, 'name', '')!r})",
+            gpu=index,
+            operation="name a profile",
+        )
 
     def _gi_profile_infos(self, index: int, handle: Any) -> dict[int, Any]:
         """NVML profile constant -> profile info, for the profiles this GPU offers (MIG on)."""
@@ -273,6 +312,7 @@ class GpuAccess:
                     _GiRecord(
                         gi,
                         int(gi_info.id),
+                        const,
                         name,
                         int(gi_info.placement.start),
                         int(gi_info.placement.size),
@@ -286,7 +326,10 @@ class GpuAccess:
         current, _ = self.mig_mode(index)
         if not current:
             return GpuGeometry(False)
-        records = self._walk(index, self._handle(index))
+        return self._geometry_of(self._walk(index, self._handle(index)))
+
+    @staticmethod
+    def _geometry_of(records: list[_GiRecord]) -> GpuGeometry:
         return GpuGeometry(
             True,
             tuple(
@@ -299,28 +342,122 @@ class GpuAccess:
         return {i: self.geometry(i) for i in range(self.gpu_count())}
 
     def discover(self) -> NodeGpus:
-        """The node's GPUs for the `mig-guard.io/gpus` annotation: ids, the driver's profiles with
-        their max counts (only readable with MIG on: NVML answers NotSupported otherwise), layout."""
+        """The node's GPUs for the `mig-guard.io/gpus` annotation: ids, memory, layout, and the
+        driver's MIG table (readable only with MIG on: NVML answers NotSupported otherwise; once
+        read, a GPU model's table is kept for this process)."""
         gpus: list[DiscoveredGpu] = []
         for index in range(self.gpu_count()):
             handle = self._handle(index)
             name = str(self._call(index, "read the name", self.nvml.nvmlDeviceGetName, handle))
             uuid = str(self._call(index, "read the UUID", self.nvml.nvmlDeviceGetUUID, handle))
-            pci = int(
-                self._call(index, "read the PCI id", self.nvml.nvmlDeviceGetPciInfo, handle).pciDeviceId
-            )
+            pci = self._call(index, "read the PCI id", self.nvml.nvmlDeviceGetPciInfo, handle)
+            device, subsystem = int(pci.pciDeviceId), int(getattr(pci, "pciSubSystemId", 0)) or None
+            model: Model = (device, subsystem, name)
             capable = self._mig_capable(index)
-            profiles: dict[str, int] = {}
             geometry = GpuGeometry(False)
             if capable and self.mig_mode(index)[0]:
-                for const, info in self._gi_profile_infos(index, handle).items():
-                    profiles[str(self._profile_name(index, const, info))] = int(info.instanceCount)
-                geometry = self.geometry(index)
+                records = self._walk(index, handle)
+                geometry = self._geometry_of(records)
+                self._read_table(index, handle, model, records)
             gpus.append(
-                DiscoveredGpu(index, pci, name, capable, profiles, geometry if capable else None, uuid)
+                DiscoveredGpu(
+                    index,
+                    device,
+                    name,
+                    capable,
+                    geometry=geometry if capable else None,
+                    uuid=uuid,
+                    pci_subsystem_id=subsystem,
+                    memory_mib=self._memory_mib(index) or None,
+                    mig_table=self._tables.get(model) if capable else None,
+                )
             )
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return NodeGpus(tuple(gpus), stamp)
+
+    def _read_table(self, index: int, handle: Any, model: Model, records: list[_GiRecord]) -> None:
+        """Read the driver's MIG table of GPU `index` (MIG on) into `_tables[model]`: every
+        GPU-instance profile with its placements, and the compute profiles of those it has an
+        instance of. A driver that cannot list placements leaves the model without a table."""
+        for record in records:
+            if (model, record.const) not in self._compute_tables:
+                self._compute_tables[(model, record.const)] = self._compute_entries(index, record)
+        entries: list[GpuInstanceProfileEntry] = []
+        for const, info in self._gi_profile_infos(index, handle).items():
+            try:
+                spots = self._possible_placements(index, handle, info, "read the MIG table")
+            except GpuError as exc:
+                if exc.nvml_error not in ("NotSupported", "FunctionNotFound"):
+                    raise
+                log.warning(
+                    "GPU %d: the driver lists no GPU-instance placements (%s); no MIG table", index, exc
+                )
+                return
+            sizes = set(spots.values())
+            if len(sizes) != 1:
+                log.warning("GPU %d: profile %d has placements of several sizes; no MIG table", index, const)
+                return
+            name = self._profile_name(index, const, info)
+            driver_name = self._driver_name(info)
+            entries.append(
+                GpuInstanceProfileEntry(
+                    name=name,
+                    profile_id=const,
+                    id=int(info.id),
+                    slices=int(info.sliceCount),
+                    memory_mib=int(info.memorySizeMB),
+                    max_count=int(info.instanceCount),
+                    placements=tuple(sorted(spots)),
+                    placement_size=sizes.pop(),
+                    compute_profiles=self._compute_tables.get((model, const)),
+                    driver_name=driver_name if driver_name not in (None, name) else None,
+                )
+            )
+        self._tables[model] = MigTable(tuple(entries))
+
+    def _compute_entries(self, index: int, record: _GiRecord) -> tuple[ComputeProfileEntry, ...]:
+        """The compute profiles the driver offers in `record`'s GPU-instance profile, with the
+        possible placements it reports for each (NVML's alignment where it cannot list them)."""
+        nvml, step = self.nvml, "read the MIG table"
+        entries: list[ComputeProfileEntry] = []
+        seen: set[str] = set()
+        for const, info in sorted(self._ci_profile_infos(index, record.const, record.handle).items()):
+            slices = int(info.sliceCount)
+            name = record.profile.with_compute_slices(slices)
+            if str(name) in seen:
+                continue  # e.g. 1_SLICE_REV1 beside 1_SLICE: go-nvlib finds the first
+            seen.add(str(name))
+            count = ctypes.c_uint(0)
+            fn = nvml.nvmlGpuInstanceGetComputeInstancePossiblePlacements
+            try:
+                self._call(index, step, fn, record.handle, info.id, None, ctypes.byref(count))
+                array = (nvml.c_nvmlComputeInstancePlacement_t * max(1, count.value))()
+                self._call(index, step, fn, record.handle, info.id, array, ctypes.byref(count))
+                starts = tuple(sorted(int(array[i].start) for i in range(count.value)))
+            except GpuError as exc:
+                if exc.nvml_error not in ("NotSupported", "FunctionNotFound"):
+                    raise
+                step_size = 1 << (slices - 1).bit_length()
+                starts = tuple(range(0, record.profile.gi_slices - slices + 1, step_size))
+            entries.append(
+                ComputeProfileEntry(name, const, int(info.id), slices, int(info.instanceCount), starts)
+            )
+        return tuple(entries)
+
+    def _possible_placements(
+        self, index: int, handle: Any, info: Any, step: Operation | str
+    ) -> dict[int, int]:
+        """start -> size of every placement NVML allows for GI profile `info` (cached per GPU)."""
+        nvml = self.nvml
+        key = (index, int(info.id))
+        if key not in self._placements:
+            count = ctypes.c_uint(0)
+            fn = nvml.nvmlDeviceGetGpuInstancePossiblePlacements
+            self._call(index, step, fn, handle, info.id, None, ctypes.byref(count))
+            array = (nvml.c_nvmlGpuInstancePlacement_t * max(1, count.value))()
+            self._call(index, step, fn, handle, info.id, array, ctypes.byref(count))
+            self._placements[key] = {int(array[i].start): int(array[i].size) for i in range(count.value)}
+        return self._placements[key]
 
     # --- workloads ----------------------------------------------------------------------------------
 
@@ -477,32 +614,10 @@ class GpuAccess:
         nvml = self.nvml
         assert op.profile is not None and op.start is not None
         _, info = self._gi_const(index, handle, parse_profile(op.profile).gpu_instance, op)
-        key = (index, int(info.id))
-        if key not in self._placements:
-            count = ctypes.c_uint(0)
-            self._call(
-                index,
-                op,
-                nvml.nvmlDeviceGetGpuInstancePossiblePlacements,
-                handle,
-                info.id,
-                None,
-                ctypes.byref(count),
-            )
-            array = (nvml.c_nvmlGpuInstancePlacement_t * max(1, count.value))()
-            self._call(
-                index,
-                op,
-                nvml.nvmlDeviceGetGpuInstancePossiblePlacements,
-                handle,
-                info.id,
-                array,
-                ctypes.byref(count),
-            )
-            self._placements[key] = {int(array[i].start): int(array[i].size) for i in range(count.value)}
-        size = self._placements[key].get(op.start)
+        spots = self._possible_placements(index, handle, info, op)
+        size = spots.get(op.start)
         if size is None:
-            starts = ", ".join(str(s) for s in sorted(self._placements[key]))
+            starts = ", ".join(str(s) for s in sorted(spots))
             raise GpuError(
                 f"GPU {index}: {op.describe(with_gpu=False)}: {op.profile} can only start at {starts}",
                 gpu=index,

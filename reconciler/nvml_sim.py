@@ -1,4 +1,5 @@
-"""A simulated NVML: the pynvml functions the access layer calls, backed by the hardware catalog.
+"""A simulated NVML: the pynvml functions the access layer calls, backed by the hardware catalog
+or by a driver's MIG table (a GPU no catalog knows).
 
 GPUs are the only hardware mig-guard cannot have in CI, so this is the one stand-in the project
 allows. It offers the same function names, signatures and return shapes as `pynvml` (the real
@@ -10,6 +11,12 @@ instances only at the product's placements, within max counts, never overlapping
 (InsufficientResources); nothing is created with MIG off (NotSupported); instances holding
 compute instances or processes cannot be destroyed (InUse). `info.id` is the driver's
 device-specific profile id (`smi_profile_id`) while the lookup argument is the NVML constant.
+
+A GPU is given as a catalog label (`NVIDIA-A100-SXM4-40GB`) or as a `GpuModel`: a name, PCI
+ids, memory and the driver's MIG table in the hardware report's format (`load_gpu_model` reads
+one from a `mig-guard hardware --json` file), so tests and the demo can run a GPU no catalog
+knows. Its compute profiles follow the table; where the table has none for a GPU-instance
+profile, go-nvlib's rule stands in (see migcore.driver_table).
 
 For tests and the demo it adds what hardware cannot: fault injection (an error at the Nth call of
 a function), a latency per call, and a state file that keeps the GPUs (instances and the
@@ -28,7 +35,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +43,14 @@ from typing import Any, TypeVar, cast
 
 import pynvml
 
-from migcore.catalog import GpuInstanceProfile, Product, format_pci_device_id, load_catalog
+from migcore.catalog import (
+    GpuInstanceProfile,
+    Product,
+    format_pci_device_id,
+    load_catalog,
+    parse_pci_device_id,
+)
+from migcore.driver_table import DriverTableError, MigTable, table_product
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,6 +83,84 @@ def parse_gpus_spec(spec: str) -> list[str]:
     if not labels:
         raise SimulationSpecError("no simulated GPUs given")
     return labels
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    """A GPU the catalog need not know: what its driver reports (the report's per-GPU fields)."""
+
+    name: str
+    pci_device_id: int
+    pci_subsystem_id: int | None
+    memory_mib: int | None
+    table: MigTable
+
+    def product(self) -> Product:
+        return table_product(self.table, self.name, self.pci_device_id, self.memory_mib, None)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "pciDeviceId": format_pci_device_id(self.pci_device_id),
+            "migTable": self.table.to_json(),
+        }
+        if self.pci_subsystem_id is not None:
+            out["pciSubsystemId"] = format_pci_device_id(self.pci_subsystem_id)
+        if self.memory_mib is not None:
+            out["memoryMiB"] = self.memory_mib
+        return out
+
+    @staticmethod
+    def from_json(raw: Any, where: str) -> GpuModel:
+        """One GPU's model, or the first GPU with a MIG table of a hardware report (version 2)."""
+        if isinstance(raw, dict) and isinstance(raw.get("gpus"), list):
+            tables = raw.get("migTables") or []
+            gpu = next(
+                (g for g in raw["gpus"] if isinstance(g, dict) and g.get("migTable") is not None), None
+            )
+            if gpu is None or not isinstance(tables, list) or not isinstance(gpu["migTable"], int):
+                raise SimulationSpecError(f"{where}: a hardware report with no GPU that has a MIG table")
+            if not 0 <= gpu["migTable"] < len(tables):
+                raise SimulationSpecError(f"{where}: migTable {gpu['migTable']} is not in migTables")
+            raw = {**gpu, "migTable": tables[gpu["migTable"]]}
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise SimulationSpecError(
+                f"{where}: expected a GPU (name, pciDeviceId, migTable) or a hardware report"
+            )
+        try:
+            memory = raw.get("memoryMiB")
+            subsystem = raw.get("pciSubsystemId")
+            return GpuModel(
+                raw["name"],
+                parse_pci_device_id(raw["pciDeviceId"]),
+                None if subsystem is None else parse_pci_device_id(subsystem),
+                memory if isinstance(memory, int) and memory > 0 else None,
+                MigTable.from_json(raw.get("migTable"), "migTable"),
+            )
+        except (KeyError, ValueError, DriverTableError) as exc:
+            raise SimulationSpecError(f"{where}: {exc}") from exc
+
+
+def load_gpu_model(path: str | os.PathLike[str]) -> GpuModel:
+    """A GPU model from a file: `mig-guard hardware --json` output, or one GPU's model."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SimulationSpecError(f"{path}: cannot read a GPU model: {exc}") from exc
+    return GpuModel.from_json(raw, str(path))
+
+
+def parse_gpu_spec_files(spec: str) -> list[GpuModel]:
+    """`FILE:N[,FILE:N]` -> one GPU model per GPU, in index order (the file read once each)."""
+    models: list[GpuModel] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        path, sep, count = part.rpartition(":")
+        if not sep or not path or not count.isdigit() or int(count) < 1:
+            raise SimulationSpecError(f'"{part}": expected FILE:N like "x100.json:8"')
+        models += [load_gpu_model(path)] * int(count)
+    if not models:
+        raise SimulationSpecError("no simulated GPUs given")
+    return models
 
 
 def parse_faults_spec(spec: str | None) -> dict[str, dict[int, str]]:
@@ -133,6 +225,7 @@ class _Gpu:
     gis: dict[int, _Gi] = field(default_factory=dict)
     pids: list[int] = field(default_factory=list)  # processes on the whole GPU (MIG off)
     next_uuid: int = 1
+    model: GpuModel | None = None  # a GPU from a driver table instead of a catalog label
 
 
 def _gpu_to_json(gpu: _Gpu) -> dict[str, Any]:
@@ -146,6 +239,7 @@ def _gpu_to_json(gpu: _Gpu) -> dict[str, Any]:
         "resetRequiresReboot": gpu.reset_requires_reboot,
         "pids": gpu.pids,
         "nextUuid": gpu.next_uuid,
+        **({"model": gpu.model.to_json()} if gpu.model is not None else {}),
         "gpuInstances": [
             {
                 "id": gi.id,
@@ -181,6 +275,7 @@ def _gpu_from_json(raw: dict[str, Any]) -> _Gpu:
         reset_requires_reboot=raw.get("resetRequiresReboot", False),
         pids=list(raw.get("pids", [])),
         next_uuid=raw.get("nextUuid", 1),
+        model=GpuModel.from_json(raw["model"], "model") if raw.get("model") is not None else None,
     )
     for g in raw.get("gpuInstances", []):
         gi = _Gi(g["id"], g["profileConst"], g["start"], g["size"], pids=list(g.get("pids", [])))
@@ -235,15 +330,19 @@ def nvml_call(mutates: bool = False) -> Callable[[F], F]:
 
 
 class SimulatedNvml:
-    """The simulated NVML: build it from product labels (`gpus=["NVIDIA-A100-SXM4-40GB"] * 8`)."""
+    """The simulated NVML: build it from product labels (`gpus=["NVIDIA-A100-SXM4-40GB"] * 8`) or
+    GPU models (`gpus=[load_gpu_model("x100.json")] * 2`). `mig_enabled`: new GPUs start with
+    MIG on (as after an earlier `nvidia-smi -mig 1` and reset)."""
 
     def __init__(
         self,
-        gpus: list[str] | None = None,
+        gpus: Sequence[str | GpuModel] | None = None,
         state_file: str | os.PathLike[str] | None = None,
         faults: str | None = None,
         latency: str | None = None,
         reset_requires_reboot: bool = False,
+        *,
+        mig_enabled: bool = False,
     ) -> None:
         self._catalog = load_catalog()
         self._lock = threading.RLock()
@@ -263,24 +362,29 @@ class SimulatedNvml:
         if not loaded:
             if not gpus:
                 raise SimulationSpecError("simulated GPUs: give product labels or an existing state file")
-            self._gpus = [self._new_gpu(i, label, reset_requires_reboot) for i, label in enumerate(gpus)]
+            self._gpus = [self._new_gpu(i, spec, reset_requires_reboot) for i, spec in enumerate(gpus)]
             for gpu in self._gpus:
                 self._product(gpu)  # fail now on an unknown label
+                gpu.mig_current = gpu.mig_pending = mig_enabled
             self._save_state()
 
     # --- not NVML: construction, persistence, handles ---------------------------------------------
 
-    def _new_gpu(self, index: int, label: str, reset_requires_reboot: bool) -> _Gpu:
+    def _new_gpu(self, index: int, spec: str | GpuModel, reset_requires_reboot: bool) -> _Gpu:
         uuid = f"GPU-5a5a{index:04x}-0000-4000-8000-{index:012x}"
+        model = spec if isinstance(spec, GpuModel) else None
         return _Gpu(
             index,
-            label,
+            spec.name.replace(" ", "-") if isinstance(spec, GpuModel) else spec,
             uuid,
             f"00000000:{0x10 + index:02X}:00.0",
             reset_requires_reboot=reset_requires_reboot,
+            model=model,
         )
 
     def _product(self, gpu: _Gpu) -> Product:
+        if gpu.model is not None:
+            return gpu.model.product()
         return self._catalog.find(gpu.label)
 
     def _stamp(self) -> tuple[int, int, int] | None:
@@ -439,6 +543,8 @@ class SimulatedNvml:
         name = next(
             (n for n in product.nvml_names if n.replace(" ", "-") == gpu.label), product.nvml_names[0]
         )
+        if gpu.model is not None:
+            name = gpu.model.name
         if key[0] == "mig":
             _, gi, _ = self._ci(handle)
             profile = self._gi_profile(gpu, gi.profile_const)
@@ -457,6 +563,9 @@ class SimulatedNvml:
         gpu = self._gpu(handle)
         info = pynvml.nvmlPciInfo_t()
         info.pciDeviceId = self._product(gpu).pci_device_ids[0]
+        # A model's own subsystem id; a catalog GPU's is its device id (as on reference boards).
+        subsystem = gpu.model.pci_subsystem_id if gpu.model is not None else None
+        info.pciSubSystemId = info.pciDeviceId if subsystem is None else subsystem
         info.busId = gpu.bus_id
         info.busIdLegacy = gpu.bus_id
         info.bus = 0x10 + gpu.index
@@ -504,7 +613,9 @@ class SimulatedNvml:
             raise _error("NotSupported")
         if version == 2:
             info = pynvml.c_nvmlGpuInstanceProfileInfo_v2_t()
-            info.name = f"MIG {found.name}"
+            # A driver table keeps the driver's own name (nvidia-smi's) where it differs.
+            shown = found.aliases[0] if gpu.model is not None and found.aliases else found.name
+            info.name = f"MIG {shown}"
         else:
             info = pynvml.c_nvmlGpuInstanceProfileInfo_t()
         info.id = self._smi_id(found)
@@ -693,6 +804,31 @@ class SimulatedNvml:
         return info
 
     nvmlGpuInstanceGetComputeInstanceProfileInfoV = nvmlGpuInstanceGetComputeInstanceProfileInfo
+
+    @nvml_call()
+    def nvmlGpuInstanceGetComputeInstancePossiblePlacements(
+        self, gpuInstance: Any, profileId: int, placementsRef: Any, countRef: Any
+    ) -> int:
+        # nvml.h: every possible placement of the profile (occupied or not); NULL placements
+        # returns the count; NOT_SUPPORTED if profileId isn't supported.
+        gpu, gi = self._gi(gpuInstance)
+        found = self._ci_profiles(gpu, gi).get(profileId)
+        gi_profile = self._gi_profile(gpu, gi.profile_const)
+        if found is None or gi_profile is None:
+            raise _error("NotSupported")
+        starts = found.placements(gi_profile.slices)
+        count = _unwrap(countRef)
+        if placementsRef is None:
+            count.value = len(starts)
+            return int(pynvml.NVML_SUCCESS)
+        if count.value < len(starts):
+            count.value = len(starts)
+            raise _error("InsufficientSize")
+        for i, start in enumerate(starts):
+            placementsRef[i].start = start
+            placementsRef[i].size = found.slices
+        count.value = len(starts)
+        return int(pynvml.NVML_SUCCESS)
 
     def _create_ci(self, gpu: _Gpu, gi: _Gi, profile_id: int, start: int | None) -> Any:
         found = self._ci_profiles(gpu, gi).get(profile_id)

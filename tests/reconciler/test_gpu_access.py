@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migcore.catalog import load_catalog
+from migcore.driver_table import compare
 from migcore.geometry import GpuGeometry
 from migcore.placement import fit
 from migcore.planning import keep_in_place, plan_gpu
@@ -75,7 +76,7 @@ def test_reads_profiles_through_the_product_on_other_products() -> None:
         assert access.geometry(index) == geometry
 
 
-def test_discover_reports_ids_profiles_and_layout() -> None:
+def test_discover_reports_ids_the_driver_table_and_layout() -> None:
     access = access_for(A100, "NVIDIA-H100-80GB-HBM3")
     put(access, 0, BALANCED)
     report = access.discover()
@@ -86,11 +87,45 @@ def test_discover_reports_ids_profiles_and_layout() -> None:
         "NVIDIA A100-SXM4-40GB",
         True,
     )
-    assert a100.profiles["1g.5gb"] == 7 and a100.profiles["3g.20gb"] == 2 and a100.profiles["7g.40gb"] == 1
+    assert a100.pci_subsystem_id == 0x20B010DE and a100.memory_mib == 40960
     assert a100.geometry == BALANCED and a100.uuid
-    # MIG off: NVML does not answer profile queries, so no driver profiles are claimed.
-    assert h100.profiles == {} and h100.geometry == DISABLED
+    table = a100.mig_table
+    assert table is not None
+    by_name = {str(p.name): p for p in table.profiles}
+    assert (by_name["1g.5gb"].max_count, by_name["3g.20gb"].max_count, by_name["7g.40gb"].max_count) == (
+        7,
+        2,
+        1,
+    )
+    assert (by_name["3g.20gb"].placements, by_name["3g.20gb"].placement_size) == ((0, 4), 4)
+    assert by_name["1g.10gb"].placements == (0, 2, 4, 6) and by_name["1g.10gb"].id == 15
+    # Compute profiles only for GPU-instance profiles with an instance (NVML answers them only there).
+    assert {str(p.name) for p in table.profiles if p.compute_profiles is not None} == {
+        "1g.5gb",
+        "2g.10gb",
+        "3g.20gb",
+    }
+    assert [(str(c.name), c.max_count, c.placements) for c in by_name["3g.20gb"].compute_profiles or ()] == [
+        ("1c.3g.20gb", 3, (0, 1, 2)),
+        ("2c.3g.20gb", 1, (0,)),
+        ("3g.20gb", 1, (0,)),
+    ]
+    assert compare(table, load_catalog().products["A100-40GB"]) == ()
+    # MIG off: NVML does not answer profile queries, so there is no table to report.
+    assert h100.mig_table is None and h100.geometry == DISABLED
     assert report.gpus == type(report).from_annotation(report.to_annotation()).gpus
+
+
+def test_a_learned_table_is_kept_when_the_instances_and_mig_are_gone() -> None:
+    access = access_for(A100, A100)
+    put(access, 0, BALANCED)
+    first = access.discover()
+    put(access, 0, DISABLED)
+    put(access, 1, SEVEN)
+    again = access.discover()
+    assert again.gpus[0].mig_table == again.gpus[1].mig_table == first.gpus[0].mig_table
+    text = again.to_annotation()
+    assert text.count("gpuInstanceProfiles") == 1  # identical GPUs share one table
 
 
 def test_processes_and_device_ids_map_to_gi_starts() -> None:
