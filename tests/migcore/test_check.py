@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from driver_tables import X100_TABLE, from_catalog, with_profile, x100
 
 from migcore.catalog import Catalog, Product, UnknownProductError, load_catalog, sanitise_product_name
 from migcore.check import (
@@ -19,8 +21,9 @@ from migcore.check import (
     valid_config_names,
 )
 from migcore.config import ConfigEntry, MigPartedConfig, load_config_file, parse_config
+from migcore.driver_table import MigTable
 from migcore.geometry import GpuGeometry, GpuInstanceSpec
-from migcore.hardware import DiscoveredGpu, NodeGpus
+from migcore.hardware import MAX_ANNOTATION_BYTES, DiscoveredGpu, NodeGpus
 from migcore.planning import desired_geometries
 
 CATALOG: Catalog = load_catalog()
@@ -342,3 +345,188 @@ def test_unknown_label() -> None:
 def test_a_node_without_gpus() -> None:
     (error,) = check_config(DEFAULT, "all-disabled", hardware_from_labels(CATALOG, A100, 0)).errors
     assert error.startswith('config "all-disabled" has no entry for a node without GPUs')
+
+
+# --- the driver's table (issue 9) ------------------------------------------------------------------
+
+X100_CONFIG = _config(
+    """  x100-two-3g:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"3g.48gb": 2}
+  x100-three-3g:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"3g.48gb": 3}
+  x100-3c:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"3c.6g.96gb": 2}
+"""
+)
+
+
+def test_a_gpu_outside_the_catalog_is_judged_exactly_from_its_driver_table() -> None:
+    hardware = _report(x100(0), x100(1))
+    assert [g.product for g in hardware.gpus] == [None, None]
+    two = check_config(X100_CONFIG, "x100-two-3g", hardware)
+    assert two.valid, two.errors
+    assert two.summary() == "GPUs 0-1: 3g.48gb@0, 3g.48gb@3"
+    assert not two.warnings
+    (error,) = check_config(X100_CONFIG, "x100-three-3g", hardware).errors
+    assert error == (
+        'config "x100-three-3g" on NVIDIA X100 (GPUs 0-1): 3g.48gb x3 needs 3 GPU instances;'
+        " NVIDIA X100 (driver table) allows at most 2 of 3g.48gb"
+    )
+    assert check_config(X100_CONFIG, "x100-3c", hardware).valid  # 3c at 0 and 3: the driver's placements
+    # The shipped configs know nothing of it: nothing applies, and that is said.
+    assert "has no entry for NVIDIA X100 x2" in check_config(DEFAULT, "all-1g.10gb", hardware).errors[0]
+
+
+def test_unread_compute_profiles_are_judged_with_a_warning() -> None:
+    bare = MigTable(tuple(replace(p, compute_profiles=None) for p in X100_TABLE.profiles))
+    result = check_config(X100_CONFIG, "x100-3c", _report(x100(0, bare)))
+    assert not result.valid  # NVML's usual alignment puts a 3c only at 0: two need two 6g instances
+    one = _config('  c:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {"1c.6g.96gb": 6}\n')
+    ok = check_config(one, "c", _report(x100(0, bare)))
+    assert ok.valid
+    assert ok.warnings == (
+        'config "c" on NVIDIA X100 (GPU 0): 1c.6g.96gb: the driver\'s compute profiles of 6g.96gb are'
+        " not known yet (NVML reports them only for an existing 6g.96gb instance); judged by NVML's"
+        " usual alignment",
+    )
+
+
+def _a100_table(**changes: object) -> DiscoveredGpu:
+    table = from_catalog(CATALOG.products["A100-40GB"])
+    if changes:
+        table = with_profile(table, "3g.20gb", **changes)
+    return replace(_a100(0, {}), mig_table=table, pci_subsystem_id=0x134F10DE, memory_mib=40960)
+
+
+def test_the_driver_table_wins_over_the_catalog_with_a_warning() -> None:
+    agreeing = _report(_a100_table())
+    assert check_config(DEFAULT, "all-3g.20gb", agreeing).warnings == ()
+    assert check_config(DEFAULT, "all-3g.20gb", agreeing).valid
+    # A driver that allows one 3g.20gb where the catalog says two: the driver is right about itself.
+    stricter = _report(_a100_table(max_count=1, placements=(0,)))
+    result = check_config(DEFAULT, "all-3g.20gb", stricter)
+    assert result.errors == (
+        'config "all-3g.20gb" on NVIDIA A100-SXM4-40GB (GPU 0): 3g.20gb x2 needs 2 GPU instances;'
+        " NVIDIA A100-SXM4-40GB (driver table) allows at most 1 of 3g.20gb",
+    )
+    assert result.warnings == (
+        "config \"all-3g.20gb\" on NVIDIA A100-SXM4-40GB (GPU 0): the driver's MIG table and mig-guard's"
+        " catalog (A100-40GB) disagree: profile 2 (3g.20gb): at most 1; the catalog says 2 (and 1 more);"
+        " judged by the driver's table",
+    )
+    # And one that allows more than the catalog knows of: a fourth 1g.10gb slot.
+    looser = _report(
+        replace(
+            _a100_table(),
+            mig_table=with_profile(from_catalog(CATALOG.products["A100-40GB"]), "1g.10gb", max_count=5),
+        )
+    )
+    five = _config('  c:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {"1g.10gb": 5}\n')
+    assert not check_config(five, "c", _report(_a100(0, {}))).valid
+    assert "no room" in check_config(five, "c", looser).errors[0]  # the placements still say 4
+    # Where the driver has no such profile, the catalog's opinion does not count.
+    without = MigTable(
+        tuple(p for p in from_catalog(CATALOG.products["A100-40GB"]).profiles if str(p.name) != "1g.10gb")
+    )
+    gone = _report(replace(_a100_table(), mig_table=without))
+    assert (
+        "does not exist on NVIDIA A100-SXM4-40GB (driver table)"
+        in check_config(DEFAULT, "all-1g.10gb", gone).errors[0]
+    )
+
+
+SIBLINGS = _config(
+    """  per-board:
+    - devices: all
+      device-filter: "0x20B010DE:0x134F10DE"
+      mig-enabled: true
+      mig-devices: {"1g.5gb": 7}
+    - devices: all
+      device-filter: "0x20B010DE:0x147F10DE"
+      mig-enabled: true
+      mig-devices: {"3g.20gb": 2}
+"""
+)
+
+
+def test_subsystem_ids_from_the_report_give_each_board_its_own_entry() -> None:
+    boards = _report(_a100_table(), replace(_a100_table(), index=1, pci_subsystem_id=0x147F10DE))
+    result = check_config(SIBLINGS, "per-board", boards)
+    assert result.valid
+    assert [g.entry for g in result.gpus] == ["mig-configs.per-board[0]", "mig-configs.per-board[1]"]
+    assert result.summary().startswith("GPU 0: 1g.5gb@0")
+    assert result.warnings == ()  # exact: no "assumed to match", no "last one wins"
+    # With labels only the subsystem cannot be told: both entries apply, the last wins, said twice.
+    labels = check_config(SIBLINGS, "per-board", hardware_from_labels(CATALOG, A100, 2))
+    assert any("the last one wins" in w for w in labels.warnings)
+    assert any("cannot be checked here; assumed to match" in w for w in labels.warnings)
+
+
+def test_single_strategy_labels_count_mig_devices_not_gpus() -> None:
+    # The seed's example: one A100 with all-1g.5gb is labelled -MIG-1g.5gb, gpu.count=7 (devices).
+    seed = _config('  gpu5:\n    - devices: [5]\n      mig-enabled: true\n      mig-devices: {"1g.5gb": 7}\n')
+    hardware = hardware_from_labels(CATALOG, "A100-SXM4-40GB-MIG-1g.5gb", 7)
+    assert len(hardware.gpus) == 1 and not hardware.gpu_count_known
+    result = check_config(seed, "gpu5", hardware)
+    assert not result.valid
+    assert result.errors == (
+        'config "gpu5": mig-configs.gpu5[0].devices[0]: GPU 5 may not exist on this node (at least 1 GPU:'
+        " with GPU Feature Discovery's single MIG strategy gpu.count counts the 7 MIG devices of 1g.5gb,"
+        " at most 7 per GPU)",
+        'config "gpu5" has no entry for A100-SXM4-40GB-MIG-1g.5gb (at least 1 GPU: with GPU Feature'
+        " Discovery's single MIG strategy gpu.count counts the 7 MIG devices of 1g.5gb, at most 7 per"
+        " GPU): applying it would silently do nothing (its entries target every GPU at index 5)",
+    )
+    assert check_config(DEFAULT, "all-3g.20gb", hardware).valid  # `devices: all` still judged
+    # 56 MIG devices of at most 7 per GPU: at least 8 GPUs, so indexes 0-7 are known to exist.
+    eight = hardware_from_labels(CATALOG, "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb-SHARED", 56)
+    assert len(eight.gpus) == 8
+    assert check_config(_config(PER_GPU.replace(", 9]", "]")), "custom", eight).valid
+    # One MIG device: exactly one GPU.
+    assert hardware_from_labels(CATALOG, "NVIDIA-A100-SXM4-40GB-MIG-7g.40gb", 1).gpu_count_known
+    invalid = hardware_from_labels(CATALOG, "NVIDIA-A100-SXM4-40GB-MIG-INVALID", 0)
+    assert len(invalid.gpus) == 1 and "do not count GPUs" in invalid.describe()
+    # Time-slicing alone (-SHARED) keeps gpu.count a GPU count.
+    assert hardware_from_labels(CATALOG, "NVIDIA-A100-SXM4-40GB-SHARED", 4).gpu_count_known
+
+
+def test_version_1_reports_are_still_read() -> None:
+    text = (
+        '{"version":1,"gpus":[{"index":0,"pciDeviceId":"0x20B010DE","name":"NVIDIA A100-SXM4-40GB",'
+        '"migCapable":true,"profiles":{"1g.5gb":4}}]}'
+    )
+    hardware = hardware_from_report(CATALOG, NodeGpus.from_annotation(text))
+    assert hardware.gpus[0].mig_table is None and hardware.gpus[0].driver_profiles == {"1g.5gb": 4}
+    (error,) = check_config(DEFAULT, "all-1g.5gb", hardware).errors
+    assert error.endswith("the driver allows at most 4")
+
+
+def test_eight_of_the_largest_gpus_share_one_table_far_under_the_annotation_limit() -> None:
+    largest = max(
+        CATALOG.products.values(),
+        key=lambda p: sum(len(g.placements) for g in p.profiles) if p.memory_mib else 0,
+    )
+    table = from_catalog(largest)
+    gpus = tuple(
+        DiscoveredGpu(
+            i,
+            largest.pci_device_ids[0],
+            largest.nvml_names[0],
+            True,
+            uuid=f"GPU-{i:036d}",
+            mig_table=table,
+            memory_mib=largest.memory_mib,
+            pci_subsystem_id=0x1A2B10DE,
+        )
+        for i in range(8)
+    )
+    text = NodeGpus(gpus, "2026-11-28T14:00:00Z").to_annotation()
+    assert text.count("gpuInstanceProfiles") == 1
+    assert len(text) < MAX_ANNOTATION_BYTES // 4, len(text)
+    assert NodeGpus.from_annotation(text).gpus == gpus

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 
 import pynvml
@@ -17,15 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migcore.catalog import load_catalog
-from migcore.driver_table import compare
-from migcore.geometry import GpuGeometry
+from migcore.check import check_config, hardware_from_report
+from migcore.config import parse_config
+from migcore.driver_table import MigTable, compare
+from migcore.geometry import GpuGeometry, GpuInstanceSpec
 from migcore.placement import fit
-from migcore.planning import keep_in_place, plan_gpu
+from migcore.planning import desired_geometries, keep_in_place, plan_gpu, plan_node
 from migcore.profiles import MigProfile, parse_profile
 from reconciler.gpu_access import GpuAccess, GpuError
 from reconciler.gpu_apply import apply_with_rollback
 from reconciler.gpu_backend import make_gpu_access
-from reconciler.nvml_sim import SimulatedNvml, SimulationSpecError
+from reconciler.nvml_sim import SimulatedNvml, SimulationSpecError, load_gpu_model
 
 A100 = "NVIDIA-A100-SXM4-40GB"
 
@@ -321,3 +325,39 @@ def test_the_nvml_backend_is_the_real_pynvml_and_says_when_no_driver_is_there() 
         access.start()
     assert caught.value.nvml_error == "LibraryNotFound"
     assert str(caught.value).startswith("initialise NVML failed: NVML nvmlInit returned LibraryNotFound")
+
+
+def test_a_gpu_outside_the_catalog_reports_its_table_and_takes_a_layout_judged_from_it() -> None:
+    model = load_gpu_model(str(resources.files("devcluster").joinpath("gpu-models/x100.json")))
+    access = GpuAccess(SimulatedNvml([model], mig_enabled=True))
+    access.start()
+    assert access.product(0) is None  # no catalog entry
+    report = access.discover()
+    (gpu,) = report.gpus
+    assert (gpu.name, gpu.pci_device_id, gpu.pci_subsystem_id, gpu.memory_mib) == (
+        "NVIDIA X100",
+        0x2FFF10DE,
+        0x1A2B10DE,
+        98304,
+    )
+    assert gpu.mig_table is not None
+    # What NVML gave back is the file's table, but for compute profiles (no instance to ask yet).
+    assert gpu.mig_table == MigTable(tuple(replace(p, compute_profiles=None) for p in model.table.profiles))
+    hardware = hardware_from_report(load_catalog(), report)
+    config = parse_config(
+        "version: v1\nmig-configs:\n  two-3c:\n    - devices: all\n      mig-enabled: true\n"
+        '      mig-devices: {"3c.6g.96gb": 2}\n'
+    )
+    result = check_config(config, "two-3c", hardware)
+    assert result.valid is False  # compute profiles not read yet: NVML's alignment puts one 3c at 0 only
+    put(access, 0, GpuGeometry(True, (GpuInstanceSpec(0, 6, "6g.96gb"),)))
+    learned = access.discover()
+    result = check_config(config, "two-3c", hardware_from_report(load_catalog(), learned))
+    assert result.valid, result.errors  # now the driver's own placements: 3c at 0 and at 3
+    table = learned.gpus[0].mig_table
+    assert table is not None and table.profile(6) == model.table.profile(6)  # 6g's compute profiles learned
+    current = access.geometries()
+    for plan in plan_node(current, desired_geometries(result, current)).changed:
+        access.apply(plan)
+    assert access.geometry(0).device_counts() == {"3c.6g.96gb": 2}
+    assert [c.start for c in access.geometry(0).instances[0].compute] == [0, 3]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from migcore.catalog import load_catalog
 from reconciler.nvml_sim import (
     SimulatedNvml,
     SimulationSpecError,
+    load_gpu_model,
     parse_faults_spec,
+    parse_gpu_spec_files,
     parse_gpus_spec,
     parse_latency_spec,
 )
@@ -314,3 +317,85 @@ def test_every_catalog_product_simulates_with_distinct_profile_ids(key: str) -> 
         assert info.instanceCount == profile.max_count and info.name == f"MIG {profile.name}"
         ids[profile.nvml_profile_id] = info.id
     assert len(set(ids.values())) == len(ids)  # create/list calls take info.id: it must be unambiguous
+
+
+X100_FILE = resources.files("devcluster").joinpath("gpu-models/x100.json")
+
+
+def test_a_gpu_from_a_driver_table_file_runs_as_its_driver_reports_it(tmp_path: Path) -> None:
+    model = load_gpu_model(str(X100_FILE))
+    nvml = SimulatedNvml([model, model], state_file=tmp_path / "gpus.json", mig_enabled=True)
+    nvml.nvmlInit()
+    handle = nvml.nvmlDeviceGetHandleByIndex(1)
+    assert nvml.nvmlDeviceGetName(handle) == "NVIDIA X100"
+    pci = nvml.nvmlDeviceGetPciInfo(handle)
+    assert (pci.pciDeviceId, pci.pciSubSystemId) == (0x2FFF10DE, 0x1A2B10DE)
+    assert nvml.nvmlDeviceGetMemoryInfo(handle).total == 98304 * 1024 * 1024
+    info = nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, 2)
+    assert (info.id, info.sliceCount, info.instanceCount, info.memorySizeMB, info.name) == (
+        11,
+        3,
+        2,
+        48896,
+        "MIG 3g.48gb",
+    )
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, 4)  # no 7-slice profile on this GPU
+    # The driver's placements, sizes included: a 3g at 0 or 3, size 3.
+    assert create_gi_at(nvml, handle, 2, 3, 3) is not None
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        create_gi_at(nvml, handle, 2, 4, 3)
+    # A restarted process finds the GPU model in the state file (the file itself is not needed).
+    again = SimulatedNvml(state_file=tmp_path / "gpus.json")
+    again.nvmlInit()
+    assert again.nvmlDeviceGetName(again.nvmlDeviceGetHandleByIndex(0)) == "NVIDIA X100"
+
+
+def create_gi_at(nvml: SimulatedNvml, handle: Any, const: int, start: int, size: int) -> Any:
+    info = nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, const)
+    placement = pynvml.c_nvmlGpuInstancePlacement_t()
+    placement.start, placement.size = start, size
+    return nvml.nvmlDeviceCreateGpuInstanceWithPlacement(handle, info.id, ctypes.byref(placement))
+
+
+def _ci_placements(nvml: SimulatedNvml, gi: Any, profile_id: int) -> list[tuple[int, int]]:
+    count = ctypes.c_uint(0)
+    nvml.nvmlGpuInstanceGetComputeInstancePossiblePlacements(gi, profile_id, None, ctypes.byref(count))
+    array = (pynvml.c_nvmlComputeInstancePlacement_t * count.value)()
+    nvml.nvmlGpuInstanceGetComputeInstancePossiblePlacements(gi, profile_id, array, ctypes.byref(count))
+    return [(array[i].start, array[i].size) for i in range(count.value)]
+
+
+def test_compute_instance_possible_placements_follow_nvml() -> None:
+    nvml = started()
+    handle = enable_mig(nvml)
+    gi = create_gi(nvml, handle, P_7G, 0)
+    # nvml.h: every possible placement of the profile, whether taken or not; NULL gives the count.
+    assert _ci_placements(nvml, gi, 2) == [(0, 3), (4, 3)]  # 3c.7g.40gb
+    create_ci(nvml, gi, 2)
+    assert _ci_placements(nvml, gi, 2) == [(0, 3), (4, 3)]
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        _ci_placements(nvml, gi, 6)  # no 6-slice compute profile on an A100
+    count = ctypes.c_uint(1)
+    with pytest.raises(pynvml.NVMLError_InsufficientSize):
+        nvml.nvmlGpuInstanceGetComputeInstancePossiblePlacements(
+            gi, 0, (pynvml.c_nvmlComputeInstancePlacement_t * 1)(), ctypes.byref(count)
+        )
+    assert count.value == 7
+    x100 = SimulatedNvml([load_gpu_model(str(X100_FILE))], mig_enabled=True)
+    x100.nvmlInit()
+    six = create_gi_at(x100, x100.nvmlDeviceGetHandleByIndex(0), 6, 0, 6)
+    assert _ci_placements(x100, six, 2) == [(0, 3), (3, 3)]  # the table's, not a power-of-two rule
+
+
+def test_a_gpu_model_file_must_be_a_report_with_a_table_or_one_gpu(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 2, "migTables": [], "gpus": [{"index": 0}]}')
+    with pytest.raises(SimulationSpecError, match="no GPU that has a MIG table"):
+        load_gpu_model(str(bad))
+    bad.write_text("not json")
+    with pytest.raises(SimulationSpecError, match="cannot read a GPU model"):
+        load_gpu_model(str(bad))
+    with pytest.raises(SimulationSpecError, match=r'expected FILE:N like "x100\.json:8"'):
+        parse_gpu_spec_files(f"{bad}")
+    assert len(parse_gpu_spec_files(f"{X100_FILE}:3")) == 3
