@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from migcore.catalog import Catalog, UnknownProductError
+from migcore.driver_table import compare
 from migcore.hardware import MAX_ANNOTATION_BYTES, HardwareReportError, NodeGpus
 from migcore.keys import ANNOTATION_GPUS
 from reconciler.gpu_access import GpuAccess
@@ -45,3 +47,21 @@ def report_changed(published: str | None, report: NodeGpus) -> bool:
         return _comparable(published) != _comparable(report.to_annotation())
     except json.JSONDecodeError:
         return True
+
+
+def catalog_disagreements(report: NodeGpus, catalog: Catalog) -> dict[int, tuple[str, tuple[str, ...]]]:
+    """GPU index -> (catalog product, where its driver's MIG table disagrees with the catalog),
+    for every GPU that has both a table and a catalog entry (an empty tuple: they agree)."""
+    found: dict[int, tuple[str, tuple[str, ...]]] = {}
+    for gpu in report.gpus:
+        if gpu.mig_table is None:
+            continue
+        try:
+            product = catalog.by_pci_id(gpu.pci_device_id)
+        except UnknownProductError:
+            try:
+                product = catalog.by_nvml_name(gpu.name)
+            except UnknownProductError:
+                continue
+        found[gpu.index] = (product.key, compare(gpu.mig_table, product))
+    return found

@@ -34,6 +34,7 @@ from migcore.geometry import GpuGeometry
 from migcore.hardware import NodeGpus
 from migcore.planning import GpuPlan, NodePlan, Operation, desired_geometries, plan_node, pods_to_move
 from reconciler.config_source import ConfigSource
+from reconciler.discovery import catalog_disagreements
 from reconciler.eviction import EvictionError, Evictor
 from reconciler.gpu_access import GpuAccess, GpuError
 from reconciler.gpu_apply import apply_with_rollback, roll_back
@@ -232,6 +233,15 @@ class Reconciler:
         if body != self._published:
             self.node.annotate(keys.ANNOTATION_GPUS, report.to_annotation())
             self._published = body
+            found = catalog_disagreements(report, self.catalog)
+            self.metrics.observe_disagreements(found)
+            for product, differences in dict(found.values()).items():
+                if differences:
+                    log.warning(
+                        "the driver's MIG table disagrees with the catalog's %s (verdicts use the driver's): %s",
+                        product,
+                        "; ".join(differences),
+                    )
         self.metrics.observe_geometry({g.index: g.geometry for g in report.gpus if g.geometry is not None})
         return report
 

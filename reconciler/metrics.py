@@ -1,6 +1,7 @@
 """Prometheus metrics and the health endpoint of the node agent.
 
-`/metrics`: reconcile duration, outcomes, MIG instances per profile, evictions.
+`/metrics`: reconcile duration, outcomes, MIG instances per profile, evictions, and where the
+driver's MIG table disagrees with the catalog.
 `/healthz`: 200 while the reconcile loop is alive (it beats at least once per resync period),
 503 otherwise, so a wedged agent gets restarted by its liveness probe.
 """
@@ -47,6 +48,13 @@ class Metrics:
         self.nvml_operations = PromCounter(
             "mig_guard_nvml_operations", "NVML plan operations executed", ["op"], registry=self.registry
         )
+        self.catalog_disagreements = Gauge(
+            "mig_guard_catalog_disagreements",
+            "Differences between the driver's MIG table and mig-guard's catalog, per GPU (a catalog"
+            " error or a new driver; the driver's table is what verdicts use)",
+            ["gpu", "product"],
+            registry=self.registry,
+        )
         self._beat = time.monotonic()
         self._lock = threading.Lock()
 
@@ -64,6 +72,12 @@ class Metrics:
             counts: Counter[str] = geometry.device_counts()
             for profile, n in counts.items():
                 self.instances.labels(gpu=str(index), profile=profile).set(n)
+
+    def observe_disagreements(self, found: Mapping[int, tuple[str, tuple[str, ...]]]) -> None:
+        """`found`: GPU index -> (catalog product, differences) for GPUs with a table and a product."""
+        self.catalog_disagreements.clear()
+        for index, (product, differences) in found.items():
+            self.catalog_disagreements.labels(gpu=str(index), product=product).set(len(differences))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

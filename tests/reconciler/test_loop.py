@@ -333,3 +333,25 @@ def test_a_gpu_no_catalog_and_no_driver_table_can_judge_is_never_wiped(
     assert rec.access.geometries() == before
     assert not any(c.endswith(("Destroy", "WithPlacement", "SetMigMode")) for c in sim.calls[calls:])
     assert _no_hold(rec)
+
+
+def test_a_catalog_the_driver_contradicts_is_logged_and_counted(
+    k8s_api: Any, tmp_path: Path, config_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec, _ = _make(k8s_api, tmp_path, config_file)
+    data = yaml.safe_load(resources.files("migcore").joinpath("data/catalog.yaml").read_text())
+    (three,) = [p for p in data["products"]["A100-40GB"]["profiles"] if p["name"] == "3g.20gb"]
+    three["max_count"] = 3  # a catalog error: the (simulated) driver allows 2
+    rec.catalog = catalog_from_data(data)
+    _label(rec, "all-3g.20gb")
+    with caplog.at_level("WARNING", logger="reconciler.loop"):
+        rec.reconcile("label")
+    labels, annotations = _node(rec)
+    assert labels[keys.LABEL_MIG_STATE] == "success", annotations[keys.ANNOTATION_REASON]
+    assert any(
+        "the driver's MIG table disagrees with the catalog's A100-40GB" in r.message
+        and "profile 2 (3g.20gb): at most 2; the catalog says 3" in r.message
+        for r in caplog.records
+    ), caplog.text
+    metrics = rec.metrics.render().decode()
+    assert 'mig_guard_catalog_disagreements{gpu="0",product="A100-40GB"} 1.0' in metrics
