@@ -39,6 +39,8 @@ Progress = Callable[[Operation, int], None]
 Model = tuple[int, int | None, str]  # (PCI device id, subsystem id, name): one driver table each
 _NOT_A_MIG_ID = 0xFFFFFFFF
 _MIB = 1024 * 1024
+# NVML errors that mean "this driver (or this user) cannot list placements": no table, not a failure.
+_NO_TABLE = ("NotSupported", "FunctionNotFound", "NoPermission")
 
 
 class GpuError(Exception):
@@ -387,7 +389,7 @@ class GpuAccess:
             try:
                 spots = self._possible_placements(index, handle, info, "read the MIG table")
             except GpuError as exc:
-                if exc.nvml_error not in ("NotSupported", "FunctionNotFound"):
+                if exc.nvml_error not in _NO_TABLE:
                     raise
                 log.warning(
                     "GPU %d: the driver lists no GPU-instance placements (%s); no MIG table", index, exc
@@ -435,7 +437,7 @@ class GpuAccess:
                 self._call(index, step, fn, record.handle, info.id, array, ctypes.byref(count))
                 starts = tuple(sorted(int(array[i].start) for i in range(count.value)))
             except GpuError as exc:
-                if exc.nvml_error not in ("NotSupported", "FunctionNotFound"):
+                if exc.nvml_error not in _NO_TABLE:
                     raise
                 step_size = 1 << (slices - 1).bit_length()
                 starts = tuple(range(0, record.profile.gi_slices - slices + 1, step_size))

@@ -1,10 +1,18 @@
-"""`mig-guard check`: is a named mig-parted config valid for a GPU product? (a CLI contract)
+"""`mig-guard check`: is a named mig-parted config valid for a node's GPUs? (a CLI contract)
 
     mig-guard check --config FILE --product LABEL [--gpu-count N] [--json] NAME
     mig-guard check --config FILE --product LABEL [--gpu-count N] --all [--json]
+    mig-guard check --config FILE --hardware-report REPORT [--json] NAME
+    mig-guard check --config FILE --hardware-report REPORT --all [--json]
+
+`--product` judges against GPU Feature Discovery's labels and the catalog; `--hardware-report`
+against a node's `mig-guard.io/gpus` report (e.g. saved from `mig-guard hardware --json` or
+`kubectl get node N -o jsonpath='{.metadata.annotations.mig-guard\\.io/gpus}'`), and so
+against the driver's MIG table where it has one. What the config file parses to but looks
+wrong is printed to stderr as warnings.
 
 Exit codes: 0 valid (or, with --all, the file parsed), 1 invalid, 2 usage error, unknown
-product, or a config file that cannot be read or parsed.
+product, or a config file or report that cannot be read or parsed.
 """
 
 from __future__ import annotations
@@ -12,11 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from migcore.catalog import UnknownProductError, load_catalog
-from migcore.check import CheckResult, NodeHardware, check_config, hardware_from_labels
+from migcore.check import CheckResult, NodeHardware, check_config, hardware_from_labels, hardware_from_report
 from migcore.config import ConfigError, MigPartedConfig, load_config_file
+from migcore.hardware import MAX_ANNOTATION_BYTES, HardwareReportError, NodeGpus
 
 EXIT_VALID = 0
 EXIT_INVALID = 1
@@ -30,11 +40,18 @@ def register(sub: Any) -> None:
         description="Check a named mig-parted config against a GPU product (nvidia.com/gpu.product).",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="mig-parted v1 config file")
-    parser.add_argument(
-        "--product", required=True, metavar="LABEL", help="GPU product (nvidia.com/gpu.product value)"
+    hardware = parser.add_mutually_exclusive_group(required=True)
+    hardware.add_argument("--product", metavar="LABEL", help="GPU product (nvidia.com/gpu.product value)")
+    hardware.add_argument(
+        "--hardware-report",
+        metavar="FILE",
+        help="a node's mig-guard.io/gpus report (JSON, e.g. from mig-guard hardware --json)",
     )
     parser.add_argument(
-        "--gpu-count", type=_count, metavar="N", help="GPUs on the node (nvidia.com/gpu.count)"
+        "--gpu-count",
+        type=_count,
+        metavar="N",
+        help="GPUs on the node (nvidia.com/gpu.count; with --product)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--all", action="store_true", help="check every config in the file")
@@ -55,9 +72,14 @@ def _count(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.all == (args.name is not None):
         args.parser.error("give a config NAME or --all (not both)")
+    if args.hardware_report and args.gpu_count is not None:
+        args.parser.error("--gpu-count goes with --product (a hardware report has the GPUs)")
     try:
-        hardware = hardware_from_labels(load_catalog(), args.product, args.gpu_count)
-    except UnknownProductError as exc:
+        if args.hardware_report:
+            hardware = hardware_from_report(load_catalog(), _read_report(args.hardware_report))
+        else:
+            hardware = hardware_from_labels(load_catalog(), args.product, args.gpu_count)
+    except (UnknownProductError, HardwareReportError, OSError) as exc:
         print(f"mig-guard check: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -67,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return EXIT_USAGE
+    for line in config.warnings:
+        print(f"mig-guard check: warning: {line}", file=sys.stderr)
     if args.all:
         return _run_all(config, hardware, args.json)
     result = check_config(config, args.name, hardware)
@@ -75,6 +99,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_one(result, hardware)
     return EXIT_VALID if result.valid else EXIT_INVALID
+
+
+def _read_report(path: str) -> NodeGpus:
+    """A hardware report from a file; a HardwareReportError (or OSError) names what is wrong."""
+    with Path(path).open("rb") as handle:
+        data = handle.read(MAX_ANNOTATION_BYTES + 1)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HardwareReportError(f"{path}: not UTF-8 text") from exc
+    try:
+        return NodeGpus.from_annotation(text.strip())
+    except HardwareReportError as exc:
+        raise HardwareReportError(f"{path}: {exc}") from exc
 
 
 def _print_one(result: CheckResult, hardware: NodeHardware) -> None:

@@ -31,7 +31,15 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--node-name", required=True, help="the Node this agent runs on")
     parser.add_argument("--gpu-backend", choices=("nvml", "simulated"), default="nvml")
-    parser.add_argument("--simulated-gpus", metavar="LABEL:N[,LABEL:N]", help="e.g. NVIDIA-A100-SXM4-40GB:8")
+    simulated = parser.add_mutually_exclusive_group()
+    simulated.add_argument(
+        "--simulated-gpus", metavar="LABEL:N[,LABEL:N]", help="e.g. NVIDIA-A100-SXM4-40GB:8"
+    )
+    simulated.add_argument(
+        "--simulated-gpu-spec",
+        metavar="FILE:N[,FILE:N]",
+        help="GPUs from driver-table files (mig-guard hardware --json output), e.g. x100.json:8",
+    )
     parser.add_argument("--simulated-state-file", metavar="F", help="keep the simulated GPUs' state in F")
     parser.add_argument(
         "--simulated-faults",
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         access = make_gpu_access(
             args.gpu_backend,
             simulated_gpus=args.simulated_gpus,
+            simulated_gpu_spec=args.simulated_gpu_spec,
             state_file=args.simulated_state_file,
             faults=args.simulated_faults,
             latency=args.simulated_latency,
