@@ -26,13 +26,13 @@ from devcluster.helpers import create_gpu_node, ensure_namespace, service_accoun
 from devcluster.kubeconfig import kubeconfig_dict, write_kubeconfig
 from devcluster.processes import wait_until
 from migcore import keys
-from migcore.catalog import load_catalog
+from migcore.catalog import load_catalog, sanitise_product_name
 from migcore.check import check_config, hardware_from_report
 from migcore.config import parse_config
 from migcore.geometry import GpuGeometry
 from migcore.planning import desired_geometries, plan_node
 from reconciler.gpu_access import GpuAccess
-from reconciler.nvml_sim import SimulatedNvml
+from reconciler.nvml_sim import GpuModel, SimulatedNvml, load_gpu_model
 from reconciler.podresources.server import PodResourcesServer
 from reconciler.rbac import RULES
 
@@ -80,6 +80,7 @@ class GpuNode:
     gpus: int
     socket: Path
     podresources: PodResourcesServer
+    simulated: tuple[str, str] = ("--simulated-gpus", f"{A100}:2")  # how the agent gets its GPUs
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
     seen: list[tuple[str | None, bool]] = field(default_factory=list)  # (state, our taint?) per update
 
@@ -123,7 +124,7 @@ class GpuNode:
             "--node-name", self.name,
             "--kubeconfig", str(kubeconfig or self.kubeconfig),
             "--gpu-backend", "simulated",
-            "--simulated-gpus", f"{A100}:{self.gpus}",
+            *self.simulated,
             "--simulated-state-file", str(self.state_file),
             *(("--configmap", configmap) if configmap else ("--mig-config-file", str(self.config_file))),
             "--podresources-socket", str(self.socket),
@@ -316,9 +317,13 @@ def reconciler_kubeconfig(workload_plane: Any, tmp_path: Path) -> Path:
     return write_kubeconfig(path, kubeconfig_dict(cfg.host, ca, user="mig-guard-reconciler", token=token))
 
 
-def prepare_gpus(state_file: Path, gpus: int, config_text: str, config_name: str | None) -> None:
-    """Put the simulated GPUs in the layout of `config_name` before any agent runs."""
-    access = GpuAccess(SimulatedNvml([A100] * gpus, state_file=state_file))
+def prepare_gpus(
+    state_file: Path, gpus: int, config_text: str, config_name: str | None, model: str | None = None
+) -> None:
+    """Put the simulated GPUs in the layout of `config_name` before any agent runs (`model`: a
+    driver-table file for GPUs outside the catalog, instead of A100s)."""
+    specs: list[str | GpuModel] = [A100] * gpus if model is None else [load_gpu_model(model)] * gpus
+    access = GpuAccess(SimulatedNvml(specs, state_file=state_file))
     access.start()
     if config_name is None:
         return
@@ -337,27 +342,46 @@ def gpu_node(workload_plane: Any, tmp_path: Path) -> Generator[Callable[..., Gpu
     made: list[GpuNode] = []
 
     def make(
-        gpus: int = 2, initial: str | None = "all-3g", operand: str | None = "true", daemonset: bool = True
+        gpus: int = 2,
+        initial: str | None = "all-3g",
+        operand: str | None = "true",
+        daemonset: bool = True,
+        model: str | None = None,
+        config: str = E2E_CONFIG,
     ) -> GpuNode:
         suffix = uuid.uuid4().hex[:6]
         workdir = tmp_path / f"node-{suffix}"
         workdir.mkdir()
-        (workdir / "config.yaml").write_text(E2E_CONFIG)
-        prepare_gpus(workdir / "gpus.json", gpus, E2E_CONFIG, initial)
+        (workdir / "config.yaml").write_text(config)
+        prepare_gpus(workdir / "gpus.json", gpus, config, initial, model)
         name = f"gpu-{suffix}"
         namespace = f"e2e-{suffix}"
         ensure_namespace(workload_plane.api, namespace)
         labels = {DP_LABEL: operand} if operand else {}
         if initial:
             labels[keys.LABEL_MIG_CONFIG] = initial
+        product = A100 if model is None else sanitise_product_name(load_gpu_model(model).name)
         create_gpu_node(
-            workload_plane.api, name, A100, gpus, labels=labels,
+            workload_plane.api, name, product, gpus, labels=labels,
             extended_resources={"nvidia.com/mig-3g.20gb": "4", "nvidia.com/mig-1g.5gb": "14"},
         )  # fmt: skip
         socket = workdir / "kubelet.sock"
         server = PodResourcesServer(str(socket)).start()
+        simulated = (
+            ("--simulated-gpus", f"{A100}:{gpus}")
+            if model is None
+            else ("--simulated-gpu-spec", f"{model}:{gpus}")
+        )
         node = GpuNode(
-            workload_plane.api, workload_plane.kubeconfig_path, name, namespace, workdir, gpus, socket, server
+            workload_plane.api,
+            workload_plane.kubeconfig_path,
+            name,
+            namespace,
+            workdir,
+            gpus,
+            socket,
+            server,
+            simulated,
         )
         if operand and daemonset:
             k8s.AppsV1Api(workload_plane.api).create_namespaced_daemon_set(

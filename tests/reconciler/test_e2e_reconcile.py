@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from kubernetes import client as k8s
 from devcluster.controlplane import free_port
 from devcluster.processes import wait_until
 from migcore import keys
+from migcore.geometry import GpuGeometry
+from migcore.hardware import NodeGpus
 
 GpuNodeFactory = Callable[..., Any]
 
@@ -151,3 +154,59 @@ def test_configmap_edit_is_reapplied_with_cordon_hold_and_metrics(gpu_node: GpuN
     assert 'mig_guard_mig_instances{gpu="1",profile="1g.5gb"} 7.0' in metrics
     assert 'mig_guard_nvml_operations_total{op="create-gi"} 14.0' in metrics
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+
+
+X100 = str(resources.files("devcluster").joinpath("gpu-models/x100.json"))
+X100_CONFIG = """\
+version: v1
+mig-configs:
+  all-enabled:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {}
+  x100-two-3g:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"3g.48gb": 2}
+  x100-three-3g:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"3g.48gb": 3}
+"""
+
+
+def test_a_gpu_outside_the_catalog_is_judged_from_its_driver_table(gpu_node: GpuNodeFactory) -> None:
+    """Issue 9, end to end: GPUs no catalog knows are never wiped on a guess; once MIG is on the
+    reconciler reports the driver's table, and a layout is applied or refused exactly by it."""
+    node = gpu_node(gpus=2, initial=None, model=X100, config=X100_CONFIG, daemonset=False)
+    node.start_agent()
+    wait_until(lambda: keys.ANNOTATION_GPUS in (node.read().metadata.annotations or {}), 60, what="report")
+    # MIG off: the driver reports no table yet, and nothing else can judge where instances go.
+    since = node.label("x100-two-3g")
+    reason = node.wait_outcome("failed", "x100-two-3g cannot be applied", since=since)
+    assert "not in mig-guard's catalog and the node reports no driver MIG table" in reason
+    assert node.geometries() == {0: GpuGeometry(False), 1: GpuGeometry(False)}
+    wait_until(
+        lambda: any(c.reason == "InvalidConfig" for c in node.read().status.conditions or []),
+        30,
+        what="the InvalidConfig condition",
+    )
+
+    since = node.label("all-enabled")
+    node.wait_outcome("success", "all-enabled applied", since=since)
+    report = NodeGpus.from_annotation(node.read().metadata.annotations[keys.ANNOTATION_GPUS])
+    assert all(g.mig_table is not None for g in report.gpus)  # read from the driver, MIG on
+
+    since = node.label("x100-two-3g")
+    node.wait_outcome("success", "x100-two-3g applied", since=since)
+    after = node.geometries()
+    assert {i: g.summary() for i, g in after.items()} == {
+        0: "3g.48gb@0, 3g.48gb@3",
+        1: "3g.48gb@0, 3g.48gb@3",
+    }
+
+    since = node.label("x100-three-3g")
+    reason = node.wait_outcome("failed", "x100-three-3g cannot be applied", since=since)
+    assert "allows at most 2 of 3g.48gb" in reason
+    assert node.geometries() == after  # refused without touching the GPUs
+    assert not node.held()
