@@ -11,50 +11,59 @@ from kubernetes import client as k8s
 from kubernetes.client import ApiException
 
 from devcluster.kubeconfig import token_client
+from migcore.catalog import Product, UnknownProductError, load_catalog
 
 #: The annotation kwok's node selector is configured with (``ControlPlane.start_workloads``).
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 
-#: Memory per GPU in MiB as GPU Feature Discovery reports it (``nvidia.com/gpu.memory``).
-GPU_MEMORY_MIB: dict[str, int] = {
-    "NVIDIA-A100-SXM4-40GB": 40960,
-    "NVIDIA-A100-PCIE-40GB": 40960,
-    "NVIDIA-A100-SXM4-80GB": 81920,
-    "NVIDIA-A100-80GB-PCIe": 81920,
-    "NVIDIA-A30": 24576,
-    "NVIDIA-H100-80GB-HBM3": 81559,
-    "NVIDIA-H100-PCIe": 81559,
-    "NVIDIA-H200": 143771,
-}
-
-_FAMILY = {
-    "A100": ("ampere", 8, 0),
-    "A30": ("ampere", 8, 0),
-    "H100": ("hopper", 9, 0),
-    "H200": ("hopper", 9, 0),
-}
+_CAPABILITY = re.compile(r"^(\w+)[^(]*\(.*\bCC (\d+)\.(\d+)\)")
 
 
-def gfd_labels(product: str, gpu_count: int, mig_capable: bool = True) -> dict[str, str]:
-    """Node labels the way NVIDIA GPU Feature Discovery sets them for ``product``."""
-    memory = GPU_MEMORY_MIB.get(product)
+def gfd_labels(
+    product: str,
+    gpu_count: int,
+    mig_capable: bool = True,
+    *,
+    mig_profile: str | None = None,
+    memory_mib: int | None = None,
+) -> dict[str, str]:
+    """Node labels the way NVIDIA GPU Feature Discovery sets them for ``product``, from mig-guard's
+    catalog (memory, family, compute capability). ``mig_profile``: GFD's ``single`` MIG strategy
+    with every GPU split into that profile as far as it goes (``all-<profile>``): the product label
+    gets ``-MIG-<profile>``, ``gpu.count`` counts the MIG devices and ``gpu.memory`` is one MIG
+    device's. ``memory_mib``: for a GPU the catalog does not know (else read from its name)."""
+    try:
+        known: Product | None = load_catalog().by_label(product)
+    except UnknownProductError:
+        known = None
+    memory = memory_mib or (known.memory_mib if known else None)
     if memory is None:
         m = re.search(r"(\d+)GB", product)
         memory = int(m.group(1)) * 1024 if m else 0
+    count, label = gpu_count, product
+    if mig_profile is not None:
+        if known is None:
+            raise ValueError(f"{product}: not in the catalog, so its MIG devices are unknown")
+        gi = known.gpu_instance_profile(mig_profile)
+        if gi is None:
+            raise ValueError(f"{product} has no MIG profile {mig_profile}")
+        count, label = gpu_count * gi.max_count, f"{product}-MIG-{gi.name.resource_suffix}"
+        memory = gi.memory_mib or int((gi.memory_fraction or 0) * memory)
     labels = {
         "nvidia.com/gpu.present": "true",
-        "nvidia.com/gpu.product": product,
-        "nvidia.com/gpu.count": str(gpu_count),
+        "nvidia.com/gpu.product": label,
+        "nvidia.com/gpu.count": str(count),
         "nvidia.com/gpu.memory": str(memory),
         "nvidia.com/mig.capable": "true" if mig_capable else "false",
         "nvidia.com/gpu.deploy.gpu-feature-discovery": "true",
     }
-    for key, (family, major, minor) in _FAMILY.items():
-        if key in product:
-            labels["nvidia.com/gpu.family"] = family
-            labels["nvidia.com/gpu.compute.major"] = str(major)
-            labels["nvidia.com/gpu.compute.minor"] = str(minor)
-            break
+    if mig_profile is not None:
+        labels["nvidia.com/mig.strategy"] = "single"
+    capability = _CAPABILITY.match(known.architecture or "") if known else None
+    if capability is not None:
+        labels["nvidia.com/gpu.family"] = capability.group(1).lower()
+        labels["nvidia.com/gpu.compute.major"] = capability.group(2)
+        labels["nvidia.com/gpu.compute.minor"] = capability.group(3)
     return labels
 
 

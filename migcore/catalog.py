@@ -122,6 +122,7 @@ class Product:
     profiles: tuple[GpuInstanceProfile, ...]
     notes: tuple[str, ...] = ()
     unconfirmed: Mapping[str, str] = field(default_factory=dict)
+    architecture: str | None = None  # e.g. "Ampere (GA100, CC 8.0)"
 
     @cached_property
     def _by_name(self) -> dict[MigProfile, GpuInstanceProfile]:
@@ -334,6 +335,7 @@ def _product(key: str, raw: Mapping[str, Any]) -> Product:
         profiles=tuple(_gpu_instance_profile(p, int(grid)) for p in raw["profiles"]),
         notes=tuple(raw.get("notes") or ()),
         unconfirmed=unconfirmed,
+        architecture=raw.get("architecture"),
     )
 
 

@@ -244,9 +244,27 @@ def test_kwok_stages_file_is_valid_yaml() -> None:
     assert all(d["kind"] == "Stage" for d in docs)
 
 
-def test_gfd_labels() -> None:
+def test_gfd_labels_come_from_the_catalog() -> None:
     labels = gfd_labels("NVIDIA-A100-SXM4-40GB", 8)
     assert labels["nvidia.com/gpu.memory"] == "40960"
     assert labels["nvidia.com/mig.capable"] == "true"
     assert labels["nvidia.com/gpu.family"] == "ampere"
+    assert (labels["nvidia.com/gpu.compute.major"], labels["nvidia.com/gpu.compute.minor"]) == ("8", "0")
+    h200 = gfd_labels("NVIDIA-H200", 8)
+    assert (h200["nvidia.com/gpu.memory"], h200["nvidia.com/gpu.family"]) == ("143771", "hopper")
+    assert (
+        gfd_labels("NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition", 1)["nvidia.com/gpu.compute.major"] == "12"
+    )
     assert gfd_labels("NVIDIA-X-24GB", 1)["nvidia.com/gpu.memory"] == str(24 * 1024)
+    assert gfd_labels("NVIDIA-X100", 1, memory_mib=98304)["nvidia.com/gpu.memory"] == "98304"
+
+
+def test_gfd_labels_of_the_single_mig_strategy_describe_mig_devices() -> None:
+    # The seed's example: one A100 with all-1g.5gb.
+    labels = gfd_labels("A100-SXM4-40GB", 1, mig_profile="1g.5gb")
+    assert labels["nvidia.com/gpu.product"] == "A100-SXM4-40GB-MIG-1g.5gb"
+    assert (labels["nvidia.com/gpu.count"], labels["nvidia.com/gpu.memory"]) == ("7", "4864")
+    assert labels["nvidia.com/mig.strategy"] == "single"
+    assert gfd_labels("NVIDIA-H100-80GB-HBM3", 2, mig_profile="1g.10gb+me")["nvidia.com/gpu.product"] == (
+        "NVIDIA-H100-80GB-HBM3-MIG-1g.10gb.me"
+    )
