@@ -4,8 +4,9 @@ It starts a real control plane (devcluster: etcd, kube-apiserver, controller-man
 kwok), the real webhook (`mig-guard webhook`, gunicorn over TLS, registered with a caBundle) and
 one real reconciler per simulated GPU node (`mig-guard reconcile --gpu-backend simulated`), then
 plays a short script with the real kubectl: a typo rejected, an incompatible layout rejected, a
-valid layout applied (pending, then success, and the resulting geometry). It then stays up for the
-user to try kubectl until Ctrl-C, and cleans everything up on the way out.
+valid layout applied (pending, then success, and the resulting geometry), and a GPU no catalog
+knows (simulated from its driver's MIG table) judged exactly from that table. It then stays up
+for the user to try kubectl until Ctrl-C, and cleans everything up on the way out.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from kubernetes import client as k8s
 from certs.authority import generate_ca, issue_serving_cert
 from devcluster import binaries
 from devcluster.controlplane import ControlPlane, free_port
-from devcluster.helpers import create_gpu_node, ensure_namespace
+from devcluster.helpers import create_gpu_node, ensure_namespace, gfd_labels
 from migcore import keys
+from migcore.catalog import sanitise_product_name
 from migcore.hardware import NodeGpus
+from reconciler.nvml_sim import SimulatedNvml, load_gpu_model
 from reconciler.rbac import RULES
 from webhook.config_source import ConfigMapRef
 from webhook.registration import (
@@ -55,13 +58,31 @@ class DemoNode:
     name: str
     product: str
     gpus: int
+    model: str | None = None  # a driver-table file: a GPU no catalog knows
 
 
+X100_MODEL = str(resources.files("devcluster").joinpath("gpu-models/x100.json"))
 NODES = (
     DemoNode("gpu-a100", "NVIDIA-A100-SXM4-40GB", 8),
     DemoNode("gpu-h100", "NVIDIA-H100-80GB-HBM3", 8),
     DemoNode("gpu-a30", "NVIDIA-A30", 4),
+    DemoNode("gpu-x100", sanitise_product_name(load_gpu_model(X100_MODEL).name), 2, X100_MODEL),
 )
+# Layouts for the X100 beside the GPU Operator's default ones (which know nothing of it).
+X100_CONFIGS = """
+  x100-two-3g:
+    - devices: all
+      device-filter: "0x2FFF10DE"
+      mig-enabled: true
+      mig-devices:
+        "3g.48gb": 2
+  x100-three-3g:
+    - devices: all
+      device-filter: "0x2FFF10DE"
+      mig-enabled: true
+      mig-devices:
+        "3g.48gb": 3
+"""
 
 
 class DemoError(RuntimeError):
@@ -149,6 +170,7 @@ class Demo:
 
     def publish_config(self) -> None:
         text = resources.files("migcore").joinpath("data/default-mig-parted-config.yaml").read_text()
+        text = text.rstrip("\n") + "\n" + X100_CONFIGS
         ensure_namespace(self.api, CONFIGMAP.namespace)
         body = {"metadata": {"name": CONFIGMAP.name}, "data": {CONFIGMAP.key: text}}
         core: Any = k8s.CoreV1Api(self.api)
@@ -227,7 +249,16 @@ class Demo:
     def start_nodes(self, reconciler_kubeconfig: Path) -> None:
         core: Any = k8s.CoreV1Api(self.api)
         for node in NODES:
-            create_gpu_node(self.api, node.name, product=node.product, gpu_count=node.gpus)
+            state_file = self.workdir / f"gpus-{node.name}.json"
+            gpus = ("--simulated-gpus", f"{node.product}:{node.gpus}")
+            labels = None
+            if node.model is not None:
+                # A GPU no catalog knows, MIG already on: its driver reports its MIG table.
+                model = load_gpu_model(node.model)
+                SimulatedNvml([model] * node.gpus, state_file=state_file, mig_enabled=True)
+                gpus = ("--simulated-gpu-spec", f"{node.model}:{node.gpus}")
+                labels = gfd_labels(node.product, node.gpus, memory_mib=model.memory_mib)
+            create_gpu_node(self.api, node.name, product=node.product, gpu_count=node.gpus, labels=labels)
             self._spawn(
                 f"reconciler-{node.name}",
                 [
@@ -235,8 +266,8 @@ class Demo:
                     "--node-name", node.name,
                     "--kubeconfig", str(reconciler_kubeconfig),
                     "--gpu-backend", "simulated",
-                    "--simulated-gpus", f"{node.product}:{node.gpus}",
-                    "--simulated-state-file", str(self.workdir / f"gpus-{node.name}.json"),
+                    *gpus,
+                    "--simulated-state-file", str(state_file),
                     "--simulated-latency", "default=0.005,nvmlDeviceSetMigMode=0.2",
                     "--configmap", f"{CONFIGMAP.namespace}/{CONFIGMAP.name}",
                     "--configmap-key", CONFIGMAP.key,
@@ -254,7 +285,10 @@ class Demo:
 
         for node in NODES:
             self._wait(reported(node.name), 90, f"the reconciler on {node.name} to report its GPUs")
-            self.out.detail(f"{node.name}: {node.gpus} x {node.product}, reconciler running (simulated NVML)")
+            where = " (in no catalog: simulated from its driver's MIG table)" if node.model else ""
+            self.out.detail(
+                f"{node.name}: {node.gpus} x {node.product}{where}, reconciler running (simulated NVML)"
+            )
 
     # --- the script -----------------------------------------------------------------------------
     def kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -321,6 +355,27 @@ class Demo:
             raise DemoError(f"{a100} ended in {state}: {reason}")
         self.out.step(f"5. The geometry on {a100} now")
         self.out.detail("\n".join(self.geometry_lines(a100)))
+        self.play_unknown_gpu()
+
+    def play_unknown_gpu(self) -> None:
+        """A GPU no catalog knows is judged from the table its driver reports, exactly."""
+        x100 = NODES[3].name
+        self.out.step(
+            f"6. A GPU no catalog knows is judged from its driver's MIG table: {x100} gets 'x100-three-3g'"
+        )
+        wrong = self.show_kubectl("label", "node", x100, f"{keys.LABEL_MIG_CONFIG}=x100-three-3g")
+        if wrong.returncode == 0:
+            raise DemoError("a layout the X100's driver table cannot hold was accepted")
+        self.out.step(f"7. A layout its table holds is applied: {x100} gets 'x100-two-3g'")
+        ok = self.show_kubectl("label", "node", x100, f"{keys.LABEL_MIG_CONFIG}=x100-two-3g")
+        if ok.returncode != 0:
+            raise DemoError("the X100 layout its driver table holds was rejected")
+        self._wait(lambda: self.node_state(x100)[0] in (keys.STATE_SUCCESS, keys.STATE_FAILED), 120, x100)
+        state, reason, _ = self.node_state(x100)
+        if state != keys.STATE_SUCCESS:
+            raise DemoError(f"{x100} ended in {state}: {reason}")
+        self.out.detail(f"state={state}, reason: {reason}")
+        self.out.detail("\n".join(f"{x100} {line}" for line in self.geometry_lines(x100)))
 
 
 @contextlib.contextmanager

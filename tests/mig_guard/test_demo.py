@@ -32,7 +32,11 @@ def test_demo_shows_rejections_and_a_successful_change_then_cleans_up() -> None:
     assert "right after the write: state=pending, tainted=True" in out
     assert "now: state=success, tainted=False" in out
     # 5. the geometry all-balanced asks for, on all 8 GPUs
-    geometry = re.findall(r"GPU \d: (.*)", out)
+    geometry = re.findall(r"^\s+GPU \d: (.*)", out, re.MULTILINE)
     assert geometry == ["2g.10gb@0, 1g.5gb@2, 1g.5gb@3, 3g.20gb@4"] * 8, out
+    # 6. a GPU no catalog knows: refused exactly by its driver's table, then a layout it holds applied
+    assert "gpu-x100: 2 x NVIDIA-X100 (in no catalog: simulated from its driver's MIG table)" in out
+    assert "3g.48gb x3 needs 3 GPU instances; NVIDIA X100 (driver table) allows at most 2 of 3g.48gb" in out
+    assert re.findall(r"gpu-x100 GPU \d: (.*)", out) == ["3g.48gb@0, 3g.48gb@3"] * 2, out
     assert "export KUBECONFIG=" in out
     assert "Stopping everything" in out
