@@ -17,7 +17,7 @@ from reconciler.gpu_access import GpuAccess
 
 
 def discover(access: GpuAccess) -> NodeGpus:
-    """The node's GPUs now (ids, MIG capability, the driver's profiles with max counts, layouts)."""
+    """The node's GPUs now (ids, memory, MIG capability, layouts, the driver's MIG tables)."""
     return access.discover()
 
 
