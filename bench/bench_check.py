@@ -20,7 +20,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from migcore.catalog import Catalog, Product, load_catalog
+from migcore.catalog import Catalog, load_catalog
 from migcore.check import (
     NodeHardware,
     check_config,
@@ -29,36 +29,14 @@ from migcore.check import (
     hardware_from_report,
 )
 from migcore.config import MigPartedConfig, load_config_file, parse_config
-from migcore.driver_table import (
-    ComputeProfileEntry,
-    GpuInstanceProfileEntry,
-    MigTable,
-    gpu_instance_profile_name,
-)
+from migcore.driver_table import MigTable, catalog_table
 from migcore.hardware import DiscoveredGpu, NodeGpus
 from migcore.placement import clear_fit_cache
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "migcore" / "data" / "default-mig-parted-config.yaml"
 X100_REPORT = ROOT / "devcluster" / "gpu-models" / "x100.json"
-X100_CONFIGS = """
-  x100-two-3g:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3g.48gb": 2}
-  x100-mixed:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3g.48gb": 1, "2g.36gb": 1, "1g.24gb": 1}
-  x100-compute:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3c.6g.96gb": 2}
-  x100-too-many:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3g.48gb": 3}
-"""
+X100_CONFIGS = ROOT / "devcluster" / "gpu-models" / "x100-mig-parted-config.yaml"
 PRODUCTS = (
     "NVIDIA-A100-SXM4-40GB",
     "NVIDIA-H100-80GB-HBM3",
@@ -87,40 +65,6 @@ def _cold() -> None:
     clear_fit_cache()
 
 
-def _driver_table(product: Product) -> MigTable:
-    """`product`'s table as a driver that agrees with the catalog reports it (compute profiles too)."""
-    assert product.memory_mib is not None
-    entries = []
-    for gi in product.profiles:
-        memory = gi.memory_mib or int((gi.memory_fraction or 0) * product.memory_mib)
-        name = gpu_instance_profile_name(gi.nvml_profile_id, gi.slices, memory, product.memory_mib)
-        computes = tuple(
-            ComputeProfileEntry(
-                name.with_compute_slices(c.slices),
-                c.nvml_ci_profile_id,
-                c.nvml_ci_profile_id,
-                c.slices,
-                c.max_count,
-                c.placements(gi.slices),
-            )
-            for c in gi.compute_profiles
-        )
-        entries.append(
-            GpuInstanceProfileEntry(
-                name,
-                gi.nvml_profile_id,
-                gi.smi_profile_id or 0,
-                gi.slices,
-                memory,
-                gi.max_count,
-                gi.placements,
-                gi.placement_size,
-                computes,
-            )
-        )
-    return MigTable(tuple(entries))
-
-
 def _report_text(name: str, pci: int, memory: int | None, table: MigTable) -> str:
     gpus = tuple(
         DiscoveredGpu(i, pci, name, True, uuid=f"GPU-{i:036d}", memory_mib=memory, mig_table=table)
@@ -136,12 +80,13 @@ def _reports(catalog: Catalog) -> list[tuple[str, str, MigPartedConfig]]:
     for key in ("A100-40GB", "H100-80GB", "H200-141GB"):
         product = catalog.products[key]
         text = _report_text(
-            product.nvml_names[0], product.pci_device_ids[0], product.memory_mib, _driver_table(product)
+            product.nvml_names[0], product.pci_device_ids[0], product.memory_mib, catalog_table(product)
         )
         out.append((f"{key} (driver table)", text, default))
     raw = json.loads(X100_REPORT.read_text())
     x100 = _report_text("NVIDIA X100", 0x2FFF10DE, 98304, MigTable.from_json(raw["migTables"][0]))
-    with_x100 = parse_config(CONFIG.read_text().rstrip("\n") + "\n" + X100_CONFIGS)
+    x100_configs = X100_CONFIGS.read_text().split("mig-configs:\n", 1)[1]
+    with_x100 = parse_config(CONFIG.read_text().rstrip("\n") + "\n" + x100_configs)
     out.append(("X100, in no catalog (driver table)", x100, with_x100))
     return out
 

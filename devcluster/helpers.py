@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from typing import Any
 
 from kubernetes import client as k8s
@@ -15,6 +16,13 @@ from migcore.catalog import Product, UnknownProductError, load_catalog
 
 #: The annotation kwok's node selector is configured with (``ControlPlane.start_workloads``).
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+
+
+def gpu_model_file(name: str) -> str:
+    """The path of a simulated GPU model shipped for tests and the demo (`x100.json`, a GPU no
+    catalog knows, and `x100-mig-parted-config.yaml`, layouts for it)."""
+    return str(resources.files("devcluster").joinpath("gpu-models", name))
+
 
 _CAPABILITY = re.compile(r"^(\w+)[^(]*\(.*\bCC (\d+)\.(\d+)\)")
 

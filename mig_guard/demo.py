@@ -33,7 +33,7 @@ from kubernetes import client as k8s
 from certs.authority import generate_ca, issue_serving_cert
 from devcluster import binaries
 from devcluster.controlplane import ControlPlane, free_port
-from devcluster.helpers import create_gpu_node, ensure_namespace, gfd_labels
+from devcluster.helpers import create_gpu_node, ensure_namespace, gfd_labels, gpu_model_file
 from migcore import keys
 from migcore.catalog import sanitise_product_name
 from migcore.hardware import NodeGpus
@@ -61,7 +61,7 @@ class DemoNode:
     model: str | None = None  # a driver-table file: a GPU no catalog knows
 
 
-X100_MODEL = str(resources.files("devcluster").joinpath("gpu-models/x100.json"))
+X100_MODEL = gpu_model_file("x100.json")
 NODES = (
     DemoNode("gpu-a100", "NVIDIA-A100-SXM4-40GB", 8),
     DemoNode("gpu-h100", "NVIDIA-H100-80GB-HBM3", 8),
@@ -69,20 +69,7 @@ NODES = (
     DemoNode("gpu-x100", sanitise_product_name(load_gpu_model(X100_MODEL).name), 2, X100_MODEL),
 )
 # Layouts for the X100 beside the GPU Operator's default ones (which know nothing of it).
-X100_CONFIGS = """
-  x100-two-3g:
-    - devices: all
-      device-filter: "0x2FFF10DE"
-      mig-enabled: true
-      mig-devices:
-        "3g.48gb": 2
-  x100-three-3g:
-    - devices: all
-      device-filter: "0x2FFF10DE"
-      mig-enabled: true
-      mig-devices:
-        "3g.48gb": 3
-"""
+X100_CONFIGS = Path(gpu_model_file("x100-mig-parted-config.yaml")).read_text().split("mig-configs:\n", 1)[1]
 
 
 class DemoError(RuntimeError):

@@ -327,6 +327,42 @@ def table_product(
     )
 
 
+def catalog_table(product: Product) -> MigTable:
+    """`product`'s table as a driver that agrees with the catalog would report it (compute
+    profiles included): for tests and benchmarks of judging from a table."""
+    if product.memory_mib is None:
+        raise ValueError(f"{product.key}: the catalog has no memory size to name its profiles by")
+    entries = []
+    for gi in product.profiles:
+        memory = gi.memory_mib or int((gi.memory_fraction or 0) * product.memory_mib)
+        name = gpu_instance_profile_name(gi.nvml_profile_id, gi.slices, memory, product.memory_mib)
+        computes = tuple(
+            ComputeProfileEntry(
+                name.with_compute_slices(ci.slices),
+                ci.nvml_ci_profile_id,
+                ci.nvml_ci_profile_id,
+                ci.slices,
+                ci.max_count,
+                ci.placements(gi.slices),
+            )
+            for ci in gi.compute_profiles
+        )
+        entries.append(
+            GpuInstanceProfileEntry(
+                name,
+                gi.nvml_profile_id,
+                gi.smi_profile_id or 0,
+                gi.slices,
+                memory,
+                gi.max_count,
+                gi.placements,
+                gi.placement_size,
+                computes,
+            )
+        )
+    return MigTable(tuple(entries))
+
+
 def unread_compute_profiles(table: MigTable, gi_name: MigProfile) -> bool:
     """True when the driver's compute profiles of this GPU-instance profile were not read."""
     entry = next((p for p in table.profiles if gi_name in (p.name, p.driver_name)), None)

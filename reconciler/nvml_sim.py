@@ -72,17 +72,25 @@ def _error(name: str) -> pynvml.NVMLError:
     return cast(pynvml.NVMLError, cls())
 
 
+T = TypeVar("T")
+
+
+def _per_gpu(spec: str, form: str, item: Callable[[str], T]) -> list[T]:
+    """`X:N[,X:N]` -> `item(X)` once per GPU, in index order (`form` shows the right spelling)."""
+    out: list[T] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, count = part.rpartition(":")
+        if not sep or not name or not count.isdigit() or int(count) < 1:
+            raise SimulationSpecError(f'"{part}": expected {form}')
+        out += [item(name)] * int(count)
+    if not out:
+        raise SimulationSpecError("no simulated GPUs given")
+    return out
+
+
 def parse_gpus_spec(spec: str) -> list[str]:
     """`LABEL:N[,LABEL:N]` -> one product label per GPU, in index order."""
-    labels: list[str] = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        label, sep, count = part.rpartition(":")
-        if not sep or not label or not count.isdigit() or int(count) < 1:
-            raise SimulationSpecError(f'"{part}": expected LABEL:N like "NVIDIA-A100-SXM4-40GB:8"')
-        labels += [label] * int(count)
-    if not labels:
-        raise SimulationSpecError("no simulated GPUs given")
-    return labels
+    return _per_gpu(spec, 'LABEL:N like "NVIDIA-A100-SXM4-40GB:8"', str)
 
 
 @dataclass(frozen=True)
@@ -151,16 +159,8 @@ def load_gpu_model(path: str | os.PathLike[str]) -> GpuModel:
 
 
 def parse_gpu_spec_files(spec: str) -> list[GpuModel]:
-    """`FILE:N[,FILE:N]` -> one GPU model per GPU, in index order (the file read once each)."""
-    models: list[GpuModel] = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        path, sep, count = part.rpartition(":")
-        if not sep or not path or not count.isdigit() or int(count) < 1:
-            raise SimulationSpecError(f'"{part}": expected FILE:N like "x100.json:8"')
-        models += [load_gpu_model(path)] * int(count)
-    if not models:
-        raise SimulationSpecError("no simulated GPUs given")
-    return models
+    """`FILE:N[,FILE:N]` -> one GPU model per GPU, in index order (each file read once)."""
+    return _per_gpu(spec, 'FILE:N like "x100.json:8"', load_gpu_model)
 
 
 def parse_faults_spec(spec: str | None) -> dict[str, dict[int, str]]:

@@ -6,31 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from devcluster.helpers import gpu_model_file
 from migcore.driver_table import MigTable
 from migcore.hardware import NodeGpus
 
-X100 = str(resources.files("devcluster").joinpath("gpu-models/x100.json"))
+X100 = gpu_model_file("x100.json")
 A100 = "NVIDIA-A100-SXM4-40GB"
-CONFIG = """version: v1
-mig-configs:
-  x100-two-3g:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3g.48gb": 2}
-  x100-three-3g:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3g.48gb": 3}
-  x100-6g:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3c.6g.96gb": 2}
-"""
+CONFIG = gpu_model_file("x100-mig-parted-config.yaml")
 
 
 def mig_guard(*args: str) -> subprocess.CompletedProcess[str]:
@@ -106,8 +92,7 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 
 
 def test_check_against_a_hardware_report(tmp_path: Path) -> None:
-    config = tmp_path / "x100.yaml"
-    config.write_text(CONFIG)
+    config = CONFIG
     report = tmp_path / "report.json"
     report.write_text(mig_guard("hardware", "--simulated-gpu-spec", f"{X100}:2", "--json").stdout)
     ok = mig_guard("check", "--config", str(config), "--hardware-report", str(report), "x100-two-3g")
@@ -115,10 +100,11 @@ def test_check_against_a_hardware_report(tmp_path: Path) -> None:
     assert 'config "x100-two-3g" is valid for NVIDIA X100 x2\n  GPUs 0-1: 3g.48gb@0, 3g.48gb@3' in ok.stdout
     # 6g profiles are on no catalog GPU: a warning about the file, and a verdict from the driver's
     # table (this report's compute profiles were not read yet: NVML's alignment allows one 3c).
-    six = mig_guard("check", "--config", str(config), "--hardware-report", str(report), "x100-6g")
+    six = mig_guard("check", "--config", str(config), "--hardware-report", str(report), "x100-two-3c")
     assert six.returncode == 1, six.stdout
     assert (
-        'mig-configs.x100-6g[0].mig-devices."3c.6g.96gb": profile 3c.6g.96gb exists on no GPU' in six.stderr
+        'mig-configs.x100-two-3c[0].mig-devices."3c.6g.96gb": profile 3c.6g.96gb exists on no GPU'
+        in six.stderr
     )
     bad = mig_guard(
         "check", "--config", str(config), "--hardware-report", str(report), "--json", "x100-three-3g"
@@ -131,8 +117,7 @@ def test_check_against_a_hardware_report(tmp_path: Path) -> None:
 
 
 def test_check_refuses_a_broken_report_or_a_count_beside_it(tmp_path: Path) -> None:
-    config = tmp_path / "x100.yaml"
-    config.write_text(CONFIG)
+    config = CONFIG
     broken = tmp_path / "broken.json"
     broken.write_text('{"version": 3, "gpus": []}')
     done = mig_guard("check", "--config", str(config), "--hardware-report", str(broken), "x100-two-3g")

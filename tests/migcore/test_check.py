@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from driver_tables import X100_TABLE, from_catalog, with_profile, x100
 
+from devcluster.helpers import gpu_model_file
 from migcore.catalog import Catalog, Product, UnknownProductError, load_catalog, sanitise_product_name
 from migcore.check import (
     CheckResult,
@@ -349,21 +350,7 @@ def test_a_node_without_gpus() -> None:
 
 # --- the driver's table (issue 9) ------------------------------------------------------------------
 
-X100_CONFIG = _config(
-    """  x100-two-3g:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3g.48gb": 2}
-  x100-three-3g:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3g.48gb": 3}
-  x100-3c:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3c.6g.96gb": 2}
-"""
-)
+X100_CONFIG = load_config_file(gpu_model_file("x100-mig-parted-config.yaml"))
 
 
 def test_a_gpu_outside_the_catalog_is_judged_exactly_from_its_driver_table() -> None:
@@ -378,14 +365,14 @@ def test_a_gpu_outside_the_catalog_is_judged_exactly_from_its_driver_table() -> 
         'config "x100-three-3g" on NVIDIA X100 (GPUs 0-1): 3g.48gb x3 needs 3 GPU instances;'
         " NVIDIA X100 (driver table) allows at most 2 of 3g.48gb"
     )
-    assert check_config(X100_CONFIG, "x100-3c", hardware).valid  # 3c at 0 and 3: the driver's placements
+    assert check_config(X100_CONFIG, "x100-two-3c", hardware).valid  # 3c at 0 and 3: the driver's placements
     # The shipped configs know nothing of it: nothing applies, and that is said.
     assert "has no entry for NVIDIA X100 x2" in check_config(DEFAULT, "all-1g.10gb", hardware).errors[0]
 
 
 def test_unread_compute_profiles_are_judged_with_a_warning() -> None:
     bare = MigTable(tuple(replace(p, compute_profiles=None) for p in X100_TABLE.profiles))
-    result = check_config(X100_CONFIG, "x100-3c", _report(x100(0, bare)))
+    result = check_config(X100_CONFIG, "x100-two-3c", _report(x100(0, bare)))
     assert not result.valid  # NVML's usual alignment puts a 3c only at 0: two need two 6g instances
     one = _config('  c:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {"1c.6g.96gb": 6}\n')
     ok = check_config(one, "c", _report(x100(0, bare)))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import requests
 from kubernetes import client as k8s
 
 from devcluster.controlplane import free_port
+from devcluster.helpers import gpu_model_file
 from devcluster.processes import wait_until
 from migcore import keys
 from migcore.geometry import GpuGeometry
@@ -156,23 +156,10 @@ def test_configmap_edit_is_reapplied_with_cordon_hold_and_metrics(gpu_node: GpuN
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
 
 
-X100 = str(resources.files("devcluster").joinpath("gpu-models/x100.json"))
-X100_CONFIG = """\
-version: v1
-mig-configs:
-  all-enabled:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {}
-  x100-two-3g:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3g.48gb": 2}
-  x100-three-3g:
-    - devices: all
-      mig-enabled: true
-      mig-devices: {"3g.48gb": 3}
-"""
+X100 = gpu_model_file("x100.json")
+X100_CONFIG = Path(gpu_model_file("x100-mig-parted-config.yaml")).read_text() + (
+    "  all-enabled:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {}\n"
+)
 
 
 def test_a_gpu_outside_the_catalog_is_judged_from_its_driver_table(gpu_node: GpuNodeFactory) -> None:

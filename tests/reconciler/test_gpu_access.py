@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
-from importlib import resources
 from pathlib import Path
 
 import pynvml
@@ -18,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devcluster.helpers import gpu_model_file
 from migcore.catalog import load_catalog
 from migcore.check import check_config, hardware_from_report
 from migcore.config import parse_config
@@ -328,7 +328,7 @@ def test_the_nvml_backend_is_the_real_pynvml_and_says_when_no_driver_is_there() 
 
 
 def test_a_gpu_outside_the_catalog_reports_its_table_and_takes_a_layout_judged_from_it() -> None:
-    model = load_gpu_model(str(resources.files("devcluster").joinpath("gpu-models/x100.json")))
+    model = load_gpu_model(gpu_model_file("x100.json"))
     access = GpuAccess(SimulatedNvml([model], mig_enabled=True))
     access.start()
     assert access.product(0) is None  # no catalog entry

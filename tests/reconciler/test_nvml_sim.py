@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import inspect
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pynvml
 import pytest
 
+from devcluster.helpers import gpu_model_file
 from migcore.catalog import load_catalog
 from reconciler.nvml_sim import (
     SimulatedNvml,
@@ -319,7 +319,7 @@ def test_every_catalog_product_simulates_with_distinct_profile_ids(key: str) -> 
     assert len(set(ids.values())) == len(ids)  # create/list calls take info.id: it must be unambiguous
 
 
-X100_FILE = resources.files("devcluster").joinpath("gpu-models/x100.json")
+X100_FILE = gpu_model_file("x100.json")
 
 
 def test_a_gpu_from_a_driver_table_file_runs_as_its_driver_reports_it(tmp_path: Path) -> None:
