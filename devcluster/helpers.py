@@ -297,3 +297,46 @@ def user_client(plane: Any, cn: str, groups: Sequence[str] = ()) -> Any:
     """An ApiClient that authenticates as user ``cn`` in ``groups`` with a client certificate signed
     by the cluster CA of ``plane`` (a :class:`devcluster.controlplane.ControlPlane`)."""
     return plane.user_client(cn, groups)
+
+
+def pod_bound_token(
+    api: Any, namespace: str, service_account: str, node: str, *, expiration_seconds: int = 3600
+) -> str:
+    """A token of ServiceAccount ``namespace/service_account`` bound to a Pod on ``node``: what the
+    kubelet mounts into a DaemonSet's pod. The API server then authenticates it with the pod's node
+    in ``userInfo.extra["authentication.kubernetes.io/node-name"]`` (Kubernetes 1.30 and later).
+
+    The Pod (``<service_account>-<node>``, created if missing, never run) must outlive the token's
+    use: the token stops working when it is deleted. The ServiceAccount must exist.
+    """
+    core: Any = k8s.CoreV1Api(api)
+    name = f"{service_account}-{node}"[:63].rstrip("-.")
+    pod = {
+        "metadata": {"name": name, "labels": {"mig-guard.test/token-holder": "true"}},
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": service_account,
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "holder", "image": "registry.invalid/token-holder"}],
+        },
+    }
+    try:
+        created = core.create_namespaced_pod(namespace, pod)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        created = core.read_namespaced_pod(name, namespace)
+    request = {
+        "spec": {
+            "expirationSeconds": expiration_seconds,
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": name, "uid": created.metadata.uid},
+        }
+    }
+    token = core.create_namespaced_service_account_token(service_account, namespace, request)
+    return str(token.status.token)
+
+
+def node_bound_client(api: Any, namespace: str, service_account: str, node: str) -> Any:
+    """An ApiClient for ServiceAccount ``namespace/service_account`` with a token bound to a Pod on
+    ``node`` (see :func:`pod_bound_token`; the ServiceAccount and its RBAC must exist)."""
+    return token_client(api, pod_bound_token(api, namespace, service_account, node))

@@ -12,6 +12,7 @@ from webhook.node_view import NodeView
 from webhook.review import AdmissionRequest, ReviewError
 from webhook.validation import ConfigView, NodeChange, NodeRules
 from webhook.verdict import Verdict
+from webhook.writers import bound_node
 
 JUDGED_OPERATIONS = ("CREATE", "UPDATE")
 
@@ -30,7 +31,12 @@ def node_change(request: AdmissionRequest) -> NodeChange:
         raise ReviewError(f"request.object is required for {request.operation} of a Node")
     if request.operation == "UPDATE" and request.old_object is None:
         raise ReviewError("request.oldObject is required for UPDATE of a Node")
-    return NodeChange(NodeView.of(request.old_object, "oldObject"), NodeView.of(request.object, "object"))
+    return NodeChange(
+        NodeView.of(request.old_object, "oldObject"),
+        NodeView.of(request.object, "object"),
+        creating=request.operation == "CREATE",
+        status=request.sub_resource == "status",
+    )
 
 
 class AdmissionHandler:
@@ -52,9 +58,12 @@ class AdmissionHandler:
         """The verdict and the object's name (for logs)."""
         if _is_core(request, "Node") and request.operation in JUDGED_OPERATIONS:
             change = node_change(request)
-            return self._rules.judge(change, request.username, config), change.node_name
+            verdict = self._rules.judge(
+                change, request.username, config, bound_node=bound_node(request.extra)
+            )
+            return verdict, change.node_name
         if _is_core(request, "ConfigMap") and self._guard is not None:
-            return self._guard.judge(request), f"{request.namespace}/{request.name}"
+            return self._guard.judge(request), f"{request.namespace}/{request.object_name}"
         return Verdict.allow(), request.name
 
     def mutate(self, request: AdmissionRequest, config: ConfigView) -> tuple[Verdict, str]:
@@ -62,7 +71,10 @@ class AdmissionHandler:
         if not (_is_core(request, "Node") and request.operation in JUDGED_OPERATIONS):
             return Verdict.allow(), request.name
         change = node_change(request)
-        if not change.config_changed or not self._rules.judge(change, request.username, config).allowed:
+        if not change.config_changed:
             return Verdict.allow(), change.node_name
-        patch = mutation_patch(change, self._hold, request.operation == "CREATE", self._clock())
+        verdict = self._rules.judge(change, request.username, config, bound_node=bound_node(request.extra))
+        if not verdict.allowed:
+            return Verdict.allow(), change.node_name
+        patch = mutation_patch(change, self._hold, change.creating, self._clock())
         return Verdict.allow(patch=patch), change.node_name

@@ -22,6 +22,7 @@ class UserInfoWire(TypedDict, total=False):
     username: str
     uid: str
     groups: list[str]
+    extra: dict[str, list[str]]
 
 
 class AdmissionRequestWire(TypedDict):
@@ -29,6 +30,7 @@ class AdmissionRequestWire(TypedDict):
     kind: GroupVersionKindWire
     operation: str
     userInfo: UserInfoWire
+    subResource: NotRequired[str]
     name: NotRequired[str]
     namespace: NotRequired[str]
     object: NotRequired[dict[str, Any] | None]

@@ -101,7 +101,8 @@ class ConfigMapGuard:
         return Verdict.deny(CODE_INVALID, problem)
 
     def judge(self, request: AdmissionRequest) -> Verdict:
-        if request.namespace != self.ref.namespace or request.name != self.ref.name:
+        # `object_name`: a collection delete (the namespace controller's way) carries no request name.
+        if request.namespace != self.ref.namespace or request.object_name != self.ref.name:
             return Verdict.allow()
         if request.operation not in ("UPDATE", "DELETE"):
             return Verdict.allow()

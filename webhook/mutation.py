@@ -5,6 +5,15 @@ when mig-guard is configured so and the node was not cordoned already), and reco
 did in `mig-guard.io/hold` plus a sentence in `mig-guard.io/reason`. Idempotent: applied to
 its own output the patch is empty (the API server may invoke it again, `reinvocationPolicy:
 IfNeeded`). Never denies: the validating webhook does.
+
+Two writes get less:
+- CREATE is held by the taint in either mode. A hold record in a new object cannot be told apart
+  from the creator's (the API server sends a re-invocation the same way), so none is trusted,
+  and a record of a cordon would make the reconciler later uncordon a node created cordoned on
+  purpose. A new node has no pods yet; the taint keeps new ones off the same way.
+- A write through the status subresource gets no hold: the API server drops spec changes made
+  there, so a taint or cordon could not be set. The reconciler holds the node itself, as it
+  does whenever it finds no hold record.
 """
 
 from __future__ import annotations
@@ -33,27 +42,18 @@ def pointer(*parts: str) -> str:
     return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def _previous_hold(change: NodeChange, creating: bool) -> HoldRecord | None:
-    # On UPDATE the stored object's record counts, whoever wrote it (the reconciler too; a user
-    # cannot fake it in the request). On CREATE there is no stored object: only our own record in
-    # the object counts (written by the first invocation, seen again on re-invocation).
-    if not creating:
-        return HoldRecord.from_annotation(change.old.annotations.get(keys.ANNOTATION_HOLD))
-    hold = HoldRecord.from_annotation(change.new.annotations.get(keys.ANNOTATION_HOLD))
-    if hold is None or hold.by != BY_WEBHOOK or hold.config != change.new.mig_config:
-        return None
-    return hold
-
-
 def _hold_record(change: NodeChange, mode: HoldMode, creating: bool, now: str) -> HoldRecord:
-    previous = _previous_hold(change, creating)
     config = change.new.mig_config
+    if creating:  # nothing in the new object is trusted (see the module docstring)
+        return HoldRecord(True, False, config, BY_WEBHOOK, now)
+    # On UPDATE the stored object's record counts, whoever wrote it (the reconciler too; a user
+    # cannot fake it in the request).
+    previous = HoldRecord.from_annotation(change.old.annotations.get(keys.ANNOTATION_HOLD))
     if mode is HoldMode.TAINT:
         cordon = previous.cordon if previous else False
         return HoldRecord(True, cordon, config, BY_WEBHOOK, now)
-    before = change.new if creating else change.old
     # True only if mig-guard cordons it now, or already did for an earlier change.
-    cordon = (previous is not None and previous.cordon) or not before.unschedulable
+    cordon = (previous is not None and previous.cordon) or not change.old.unschedulable
     taint = previous.taint if previous else False
     return HoldRecord(taint, cordon, config, BY_WEBHOOK, now)
 
@@ -101,6 +101,10 @@ def mutation_patch(change: NodeChange, mode: HoldMode, creating: bool, now: str)
     config = node.mig_config
     ops: list[PatchOperation] = []
     ops += _map_ops("labels", node.labels, {keys.LABEL_MIG_STATE: keys.STATE_PENDING})
+    if change.status:
+        return ops + _map_ops(
+            "annotations", node.annotations, {keys.ANNOTATION_REASON: pending_reason(config)}
+        )
     record = _hold_record(change, mode, creating, now)
     current_text = node.annotations.get(keys.ANNOTATION_HOLD)
     current = HoldRecord.from_annotation(current_text)
@@ -111,7 +115,7 @@ def mutation_patch(change: NodeChange, mode: HoldMode, creating: bool, now: str)
         node.annotations,
         {keys.ANNOTATION_HOLD: hold_text, keys.ANNOTATION_REASON: pending_reason(config)},
     )
-    if mode is HoldMode.TAINT:
+    if mode is HoldMode.TAINT or creating:
         ops += _taint_ops(node, config)
     else:
         ops += _cordon_ops(node)

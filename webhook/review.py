@@ -8,7 +8,7 @@ body, so whoever did gets a clear reason instead of a stack trace.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from webhook.admission_types import API_VERSION, KIND
@@ -36,6 +36,20 @@ class AdmissionRequest:
     object: dict[str, Any] | None
     old_object: dict[str, Any] | None
     dry_run: bool
+    sub_resource: str = ""
+    # userInfo.extra: what the authenticator attached, e.g. the node a pod-bound token belongs to.
+    extra: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def object_name(self) -> str:
+        """The object's name: `request.name`, or (a collection delete sends none) the object's own."""
+        if self.name:
+            return self.name
+        for obj in (self.object, self.old_object):
+            metadata = (obj or {}).get("metadata")
+            if isinstance(metadata, dict) and isinstance(metadata.get("name"), str):
+                return str(metadata["name"])
+        return ""
 
 
 def decode_json(body: bytes) -> Any:
@@ -100,6 +114,11 @@ def request_from_review(review: Any) -> AdmissionRequest:
     groups = user.get("groups") or []
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
         raise ReviewError("request.userInfo.groups must be a list of strings")
+    extra = user.get("extra") or {}
+    if not isinstance(extra, dict) or not all(
+        isinstance(v, list) and all(isinstance(i, str) for i in v) for v in extra.values()
+    ):
+        raise ReviewError("request.userInfo.extra must be an object of string lists")
     dry_run = request.get("dryRun", False)
     if not isinstance(dry_run, bool):
         raise ReviewError("request.dryRun must be a boolean")
@@ -116,4 +135,6 @@ def request_from_review(review: Any) -> AdmissionRequest:
         object=_object(request, "object"),
         old_object=_object(request, "oldObject"),
         dry_run=dry_run,
+        sub_resource=_string(request, "subResource", "request"),
+        extra={str(k): tuple(v) for k, v in extra.items()},
     )

@@ -6,7 +6,11 @@
 4. removing the label is allowed;
 5. protected keys (`keys.is_protected_key`) change only by the reconciler's identities,
    except exactly what the mutating webhook sets for an accepted change in the same request;
-6. anything else is allowed.
+6. a reconciler identity writes only the node its token is bound to, and never the layout
+   (`webhook.writers`);
+7. anything else is allowed.
+The layout is judged against the GPUs as they were before the request: GPU Feature Discovery
+labels changed (or removed) in the same request do not count.
 Pure: no I/O, no side effects (dry-run requests get the same verdict and store nothing).
 """
 
@@ -25,6 +29,7 @@ from webhook.hold_record import BY_WEBHOOK, pending_reason
 from webhook.node_hardware import HardwareFinding, HardwareResolver
 from webhook.node_view import NodeView, changed_protected_keys
 from webhook.verdict import CODE_FORBIDDEN, CODE_INVALID, Verdict, shorten
+from webhook.writers import ReconcilerIdentities
 
 NAME_SHOWN_CHARS = 80
 VALID_SHOWN = 6
@@ -47,11 +52,19 @@ class NodeChange:
 
     old: NodeView
     new: NodeView
+    creating: bool = False
+    # A write through the status subresource: the API server keeps its metadata, drops its spec.
+    status: bool = False
 
     @property
     def config_changed(self) -> bool:
         """True when the desired layout is set to a new non-empty value (the case that needs a check)."""
         return bool(self.new.mig_config) and self.new.mig_config != self.old.mig_config
+
+    @property
+    def layout_touched(self) -> bool:
+        """The layout label was set, changed or removed."""
+        return self.old.labels.get(keys.LABEL_MIG_CONFIG) != self.new.labels.get(keys.LABEL_MIG_CONFIG)
 
     @property
     def node_name(self) -> str:
@@ -65,9 +78,11 @@ def _quoted(name: str) -> str:
 class NodeRules:
     """Judges Node CREATE/UPDATE requests against the config in use."""
 
-    def __init__(self, hardware: HardwareResolver, reconciler_users: Collection[str]) -> None:
+    def __init__(
+        self, hardware: HardwareResolver, reconciler_users: Collection[str], *, allow_unbound: bool = False
+    ) -> None:
         self._hardware = hardware
-        self._reconciler_users = frozenset(reconciler_users)
+        self.reconcilers = ReconcilerIdentities(reconciler_users, allow_unbound)
         self._verdicts: OrderedDict[tuple[object, ...], Verdict] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -87,7 +102,7 @@ class NodeRules:
         if not change.config_changed:
             return Verdict.allow()
         name = change.new.mig_config
-        finding = self._hardware.find(change.new)
+        finding = self.hardware(change)
         hardware_key = finding.hardware.cache_key() if finding.hardware is not None else None
         key = (config.config.digest, config.origin, name, hardware_key, finding.source, finding.warnings)
         with self._lock:
@@ -103,6 +118,18 @@ class NodeRules:
         if NODE_NAME_SLOT in cached.message:
             return replace(cached, message=cached.message.replace(NODE_NAME_SLOT, change.node_name))
         return cached
+
+    def hardware(self, change: NodeChange) -> HardwareFinding:
+        """The GPUs to judge against: as the node had them before the request, so that labels changed
+        in the same request cannot pick the verdict; the new object only when nothing was known."""
+        before = self._hardware.find(change.old)
+        if before.hardware is None:
+            return self._hardware.find(change.new)
+        after = self._hardware.find(change.new)
+        if after.source == before.source:
+            return before
+        note = f"GPU labels changed in the same request: judged against the GPUs before it ({before.source})"
+        return replace(before, warnings=(*before.warnings, note))
 
     def _config_verdict(self, name: str, finding: HardwareFinding, config: ConfigView) -> Verdict:
         label = f"{keys.LABEL_MIG_CONFIG}={_quoted(name)}"
@@ -131,7 +158,7 @@ class NodeRules:
     def spoofed_keys(self, change: NodeChange, username: str, config_accepted: bool) -> list[str]:
         """Rule 5: protected keys this user changed and may not (empty when all is fine)."""
         changes = changed_protected_keys(change.old, change.new)
-        if not changes or username in self._reconciler_users:
+        if not changes or username in self.reconcilers:
             return []
         name = change.new.mig_config
         allowed: dict[str, str] = {}
@@ -143,17 +170,34 @@ class NodeRules:
             }
         spoofed: list[str] = []
         for key, value in changes.items():
-            if key == f"annotation:{keys.ANNOTATION_HOLD}" and config_accepted and change.config_changed:
+            # The hold record: never through the status subresource (no hold is set there); on
+            # CREATE only the taint the mutation sets (a record of a cordon could be the creator's).
+            if (
+                key == f"annotation:{keys.ANNOTATION_HOLD}"
+                and config_accepted
+                and change.config_changed
+                and not change.status
+            ):
                 hold = HoldRecord.from_annotation(value)
-                if hold is not None and hold.config == name and hold.by == BY_WEBHOOK:
+                if (
+                    hold is not None
+                    and hold.config == name
+                    and hold.by == BY_WEBHOOK
+                    and (not change.creating or (hold.taint and not hold.cordon))
+                ):
                     continue
             if value is not None and allowed.get(key) == value:
                 continue
             spoofed.append(key.split(":", 1)[1])
         return sorted(spoofed)
 
-    def judge(self, change: NodeChange, username: str, config: ConfigView) -> Verdict:
-        """The verdict on a Node CREATE or UPDATE."""
+    def judge(
+        self, change: NodeChange, username: str, config: ConfigView, *, bound_node: str | None = None
+    ) -> Verdict:
+        """The verdict on a Node CREATE or UPDATE by `username`, whose credential is bound to the node
+        `bound_node` (a pod-bound ServiceAccount token; None when not bound)."""
+        if username in self.reconcilers:
+            return self.reconcilers.verdict(username, bound_node, change.node_name, change.layout_touched)
         verdict = self.config_verdict(change, config)
         spoofed = self.spoofed_keys(change, username, verdict.allowed)
         if spoofed:

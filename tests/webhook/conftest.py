@@ -1,13 +1,26 @@
-"""Fixtures of the webhook tests: the shipped mig-parted config, rules, certificates."""
+"""Fixtures of the webhook tests: the shipped mig-parted config, rules, certificates, and the real
+webhook deployed on the session's API server."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
-from webhook_harness import TestAuthority
+from cluster_webhook import (
+    CONFIGMAP,
+    CONFIGMAP_WARN,
+    NAMESPACE,
+    RECONCILER_USER,
+    Deployment,
+    deployed,
+    wait_active,
+)
+from webhook_harness import TestAuthority, WebhookProcess
 
+from devcluster.pytest_plugin import KubectlRunner
 from migcore.catalog import load_catalog
 from migcore.config import load_config_file
 from webhook.node_hardware import HardwareResolver
@@ -41,3 +54,64 @@ def rules(resolver: HardwareResolver) -> NodeRules:
 @pytest.fixture(scope="session")
 def authority() -> TestAuthority:
     return TestAuthority()
+
+
+# --- the real webhook on the session's API server (tests/webhook/cluster_webhook.py) ----------------
+
+
+@pytest.fixture(scope="module")
+def default_config_text(default_config_file: Path) -> str:
+    return default_config_file.read_text()
+
+
+@pytest.fixture(scope="module")
+def taint_webhook(
+    k8s_api: Any,
+    kubeconfig: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    authority: TestAuthority,
+    default_config_text: str,
+) -> Iterator[Deployment]:
+    """The webhook in its default mode: the ConfigMap watched through the API, holds by taint."""
+    process = WebhookProcess(
+        tmp_path_factory.mktemp("webhook-taint"),
+        authority,
+        "--configmap",
+        f"{NAMESPACE}/{CONFIGMAP.name}",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--reconciler-user",
+        RECONCILER_USER,
+    )
+    yield from deployed(k8s_api, process, "taint", CONFIGMAP, default_config_text)
+
+
+@pytest.fixture
+def webhook(taint_webhook: Deployment, kubectl: KubectlRunner) -> Deployment:
+    wait_active(kubectl, taint_webhook)
+    return taint_webhook
+
+
+@pytest.fixture(scope="module")
+def cordon_webhook(
+    k8s_api: Any,
+    kubeconfig: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    authority: TestAuthority,
+    default_config_text: str,
+) -> Iterator[Deployment]:
+    """A second server: its own ConfigMap, the guard in warn mode, holds by cordon, one worker."""
+    process = WebhookProcess(
+        tmp_path_factory.mktemp("webhook-cordon"),
+        authority,
+        "--configmap",
+        f"{CONFIGMAP_WARN.namespace}/{CONFIGMAP_WARN.name}",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--hold",
+        "cordon",
+        "--configmap-guard",
+        "warn",
+        workers=1,
+    )
+    yield from deployed(k8s_api, process, "cordon", CONFIGMAP_WARN, default_config_text)

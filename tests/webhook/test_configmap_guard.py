@@ -41,14 +41,16 @@ def configmap(document: object) -> dict:
     return {"metadata": {"name": REF.name, "namespace": REF.namespace}, "data": {"config.yaml": text}}
 
 
-def judge(guard: ConfigMapGuard, new: object, old: object = BASE, operation: str = "UPDATE") -> Verdict:
+def judge(
+    guard: ConfigMapGuard, new: object, old: object = BASE, operation: str = "UPDATE", name: str = REF.name
+) -> Verdict:
     sent = review(
         None if operation == "DELETE" else configmap(new),
         configmap(old),
         operation=operation,
         kind="ConfigMap",
         namespace=REF.namespace,
-        name=REF.name,
+        name=name,
     )
     return guard.judge(request_from_review(sent))
 
@@ -101,6 +103,14 @@ def test_deleting_the_configmap_is_judged_like_removing_everything(resolver: Har
     verdict = judge(guard, None, operation="DELETE")
     assert not verdict.allowed
     assert "deleting" in verdict.message
+
+
+def test_a_collection_delete_is_judged_by_the_object_it_deletes(resolver: HardwareResolver) -> None:
+    """DELETECOLLECTION sends no request name, only the ConfigMap being deleted in oldObject."""
+    guard = ConfigMapGuard(REF, Nodes(("gpu-1", "all-1g.5gb")), resolver, GuardMode.DENY)
+    verdict = judge(guard, None, operation="DELETE", name="")
+    assert not verdict.allowed
+    assert "gpu-1" in verdict.message
 
 
 def test_other_configmaps_are_not_judged(resolver: HardwareResolver) -> None:

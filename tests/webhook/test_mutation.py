@@ -116,6 +116,32 @@ def test_create_with_the_label_is_held() -> None:
     assert mutate(None, result, HoldMode.TAINT, LATER)[0] == []
 
 
+def test_a_hold_record_forged_on_create_is_replaced_and_a_new_node_is_held_by_taint() -> None:
+    forged = HoldRecord(False, True, "all-1g.5gb", "webhook", NOW).to_annotation()
+    new = annotate(
+        relabel(node(labels=gfd_labels(), unschedulable=True), {keys.LABEL_MIG_CONFIG: "all-1g.5gb"}),
+        {keys.ANNOTATION_HOLD: forged},
+    )
+    for mode in HoldMode:
+        _, result = mutate(None, new, mode)
+        record = hold_of(result)
+        assert (record.taint, record.cordon) == (True, False)
+        assert [t["key"] for t in our_taints(result)] == [keys.TAINT_KEY]
+        assert mutate(None, result, mode, LATER)[0] == []
+
+
+def test_a_change_through_the_status_subresource_gets_no_hold() -> None:
+    """The API server drops spec changes made through nodes/status: the reconciler holds instead."""
+    old = node(labels=gfd_labels())
+    new = relabel(old, {keys.LABEL_MIG_CONFIG: "all-1g.5gb"})
+    change = NodeChange(NodeView.of(old), NodeView.of(new), status=True)
+    ops = mutation_patch(change, HoldMode.TAINT, False, NOW)
+    result = apply_patch(new, ops)
+    assert result["metadata"]["labels"][keys.LABEL_MIG_STATE] == keys.STATE_PENDING
+    assert keys.ANNOTATION_HOLD not in result["metadata"].get("annotations", {})
+    assert all(not op["path"].startswith("/spec") for op in ops)
+
+
 def test_no_patch_without_a_change_of_the_layout() -> None:
     old = relabel(node(labels=gfd_labels()), {keys.LABEL_MIG_CONFIG: "all-1g.5gb"})
     assert mutate(old, relabel(old, {"team": "x"}), HoldMode.TAINT)[0] == []
@@ -192,20 +218,19 @@ def test_patch_is_idempotent_and_holds_exactly_once(
     assert once["metadata"]["labels"][keys.LABEL_MIG_STATE] == keys.STATE_PENDING
     record = hold_of(once)
     assert record.config == new_config
-    if mode is HoldMode.TAINT:
+    if mode is HoldMode.TAINT or creating:  # a new node is held by the taint in either mode
         ours = [t for t in our_taints(once) if t["effect"] == "NoSchedule"]
         assert len(ours) == 1
         assert ours[0]["value"] == new_config
         assert record.taint
     else:
         assert once["spec"]["unschedulable"] is True
-    before = new if creating else old
-    was_cordoned = bool(before.get("spec", {}).get("unschedulable"))
-    earlier = HoldRecord.from_annotation(
-        (before["metadata"].get("annotations") or {}).get(keys.ANNOTATION_HOLD)
-    )
-    if creating and earlier is not None and (earlier.by != "webhook" or earlier.config != new_config):
-        earlier = None
+    if creating:  # nothing in a new object is trusted: no cordon is ever recorded
+        assert not record.cordon
+        return
+    assert old is not None
+    was_cordoned = bool(old.get("spec", {}).get("unschedulable"))
+    earlier = HoldRecord.from_annotation((old["metadata"].get("annotations") or {}).get(keys.ANNOTATION_HOLD))
     if record.cordon:
         # Only mig-guard's own cordon is recorded: set now, or recorded before.
         assert (mode is HoldMode.CORDON and not was_cordoned) or (earlier is not None and earlier.cordon)

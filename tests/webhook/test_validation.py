@@ -10,6 +10,7 @@ from migcore.catalog import load_catalog
 from migcore.hardware import DiscoveredGpu, NodeGpus
 from migcore.hold import HoldRecord
 from webhook.hold_record import pending_reason
+from webhook.node_hardware import HardwareResolver
 from webhook.node_view import NodeView
 from webhook.validation import ConfigView, NodeChange, NodeRules
 
@@ -107,7 +108,7 @@ def test_unreadable_report_falls_back_to_labels_with_a_warning(
 ) -> None:
     old = annotate(labelled(None), {keys.ANNOTATION_GPUS: "{not json"})
     verdict = rules.judge(
-        change(old, relabel(old, {keys.LABEL_MIG_CONFIG: "all-1g.5gb"})), RECONCILER, config_view
+        change(old, relabel(old, {keys.LABEL_MIG_CONFIG: "all-1g.5gb"})), "admin", config_view
     )
     assert verdict.allowed
     assert any(keys.ANNOTATION_GPUS in w for w in verdict.warnings)
@@ -148,7 +149,59 @@ def test_reconciler_may_set_the_state_label_and_its_annotations(
         relabel(old, {keys.LABEL_MIG_STATE: "success"}),
         {keys.ANNOTATION_REASON: "applied", keys.ANNOTATION_HOLD: None},
     )
+    assert rules.judge(change(old, new), RECONCILER, config_view, bound_node="gpu-1").allowed
+
+
+def test_a_reconciler_writes_only_the_node_its_token_is_bound_to(
+    rules: NodeRules, config_view: ConfigView
+) -> None:
+    old = labelled("all-1g.5gb", **{keys.LABEL_MIG_STATE: "pending"})
+    new = relabel(old, {keys.LABEL_MIG_STATE: "success"})
+    other = rules.judge(change(old, new), RECONCILER, config_view, bound_node="gpu-2")
+    assert (other.allowed, other.code) == (False, 403)
+    assert "runs on node gpu-2 and may not change node gpu-1" in other.message
+    unbound = rules.judge(change(old, new), RECONCILER, config_view)
+    assert (unbound.allowed, unbound.code) == (False, 403)
+    assert "not bound to a node" in unbound.message
+    assert "--allow-unbound-reconciler-tokens" in unbound.message
+    layout = rules.judge(
+        change(old, relabel(old, {keys.LABEL_MIG_CONFIG: "all-7g.40gb"})),
+        RECONCILER,
+        config_view,
+        bound_node="gpu-1",
+    )
+    assert (layout.allowed, layout.code) == (False, 403)
+    assert f"may not change {keys.LABEL_MIG_CONFIG}" in layout.message
+
+
+def test_unbound_reconciler_tokens_are_accepted_when_allowed(
+    resolver: HardwareResolver, config_view: ConfigView
+) -> None:
+    rules = NodeRules(resolver, [RECONCILER], allow_unbound=True)
+    old = labelled("all-1g.5gb", **{keys.LABEL_MIG_STATE: "pending"})
+    new = relabel(old, {keys.LABEL_MIG_STATE: "success"})
     assert rules.judge(change(old, new), RECONCILER, config_view).allowed
+    # A token that is bound still binds.
+    assert not rules.judge(change(old, new), RECONCILER, config_view, bound_node="gpu-2").allowed
+
+
+def test_gpu_labels_changed_in_the_same_request_do_not_count(
+    rules: NodeRules, config_view: ConfigView
+) -> None:
+    a30 = node(labels=gfd_labels("NVIDIA-A30", 4))
+    swapped = relabel(a30, {keys.LABEL_MIG_CONFIG: "all-1g.5gb", keys.LABEL_GPU_PRODUCT: A100})
+    verdict = rules.judge(change(a30, swapped), "admin", config_view)
+    assert not verdict.allowed
+    assert "A30" in verdict.message
+    hidden = relabel(a30, {keys.LABEL_MIG_CONFIG: "all-1g.5gb", keys.LABEL_GPU_PRODUCT: None})
+    assert not rules.judge(change(a30, hidden), "admin", config_view).allowed
+    fits = relabel(a30, {keys.LABEL_MIG_CONFIG: "all-1g.6gb", keys.LABEL_GPU_PRODUCT: A100})
+    allowed = rules.judge(change(a30, fits), "admin", config_view)
+    assert allowed.allowed
+    assert any("judged against the GPUs before it" in w for w in allowed.warnings)
+    # Labels set with the layout on a node that had none are all there is to judge by.
+    bare = relabel(node(), {keys.LABEL_MIG_CONFIG: "all-1g.5gb", **gfd_labels("NVIDIA-A30", 4)})
+    assert not rules.judge(change(node(), bare), "admin", config_view).allowed
 
 
 def test_protected_annotations_and_removals_are_denied_to_users(
@@ -176,6 +229,40 @@ def test_what_the_mutating_webhook_sets_with_an_accepted_change_is_allowed(
         {keys.ANNOTATION_HOLD: hold, keys.ANNOTATION_REASON: pending_reason("all-1g.5gb")},
     )
     assert rules.judge(change(old, new), "admin", config_view).allowed
+
+
+def test_on_create_only_the_taint_hold_of_the_mutation_is_allowed(
+    rules: NodeRules, config_view: ConfigView
+) -> None:
+    def created(hold: HoldRecord) -> dict:
+        return annotate(
+            labelled("all-1g.5gb", **{keys.LABEL_MIG_STATE: "pending"}),
+            {
+                keys.ANNOTATION_HOLD: hold.to_annotation(),
+                keys.ANNOTATION_REASON: pending_reason("all-1g.5gb"),
+            },
+        )
+
+    def judged(new: dict) -> bool:
+        return rules.judge(
+            NodeChange(NodeView.of(None), NodeView.of(new), creating=True), "admin", config_view
+        ).allowed
+
+    assert judged(created(HoldRecord(True, False, "all-1g.5gb", "webhook", "t")))
+    assert not judged(created(HoldRecord(False, True, "all-1g.5gb", "webhook", "t")))
+
+
+def test_no_hold_record_through_the_status_subresource(rules: NodeRules, config_view: ConfigView) -> None:
+    old = labelled("all-disabled")
+    pending = relabel(old, {keys.LABEL_MIG_CONFIG: "all-1g.5gb", keys.LABEL_MIG_STATE: "pending"})
+    pending = annotate(pending, {keys.ANNOTATION_REASON: pending_reason("all-1g.5gb")})
+    status = NodeChange(NodeView.of(old), NodeView.of(pending), status=True)
+    assert rules.judge(status, "admin", config_view).allowed
+    hold = HoldRecord(True, False, "all-1g.5gb", "webhook", "t").to_annotation()
+    held = NodeChange(
+        NodeView.of(old), NodeView.of(annotate(pending, {keys.ANNOTATION_HOLD: hold})), status=True
+    )
+    assert rules.judge(held, "admin", config_view).code == 403
 
 
 def test_a_spoofed_state_rides_no_accepted_change(rules: NodeRules, config_view: ConfigView) -> None:
