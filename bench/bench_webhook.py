@@ -12,12 +12,17 @@ The load generator runs on the same machine and competes for the same cores: wit
 the saturation figure is a floor for what the server could do alone. Targets (2 cores):
 >= 1,000 admissions/s, p99 <= 10 ms at 1,000/s, p50 within 1.5x of the floor.
 
-    python bench/bench_webhook.py [--workers 2] [--threads 1] [--rate 1000] [--seconds 5] [--server-arg=...]
+A third run repeats the fixed rate while slow clients (TLS, a partial body, then silence) and
+idle connections (TCP, nothing sent) hold on: admission for everyone else must not wait for them.
+
+    python bench/bench_webhook.py [--workers 2] [--threads N] [--rate 1000] [--seconds 5]
+        [--slow-clients 2] [--idle-clients 4] [--server-arg=...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import multiprocessing as mp
@@ -232,6 +237,75 @@ def _client(port: int, ca_file: str, threads: int, rate: float | None, seconds: 
     out.put(([x for xs in latencies for x in xs], errors[0]))
 
 
+class Attackers:
+    """Slow and idle clients for the whole of a run, the way a stalled or hostile peer behaves.
+
+    Slow: a TLS connection that sends the headers and one byte of a 100 kB body, then nothing (one
+    closed by the server is replaced at once). Idle: TCP connections that never send a byte, all
+    replaced every second (each new one is a connection the server must decide to wait for).
+    """
+
+    def __init__(self, port: int, ca_file: Path, slow: int, idle: int) -> None:
+        import threading  # noqa: PLC0415
+
+        self.port, self.ca_file, self.slow, self.idle = port, ca_file, slow, idle
+        self.stop_event = threading.Event()
+        self.closed_by_server = 0
+        self.threads = [threading.Thread(target=self._slow, daemon=True) for _ in range(slow)]
+        if idle:
+            self.threads.append(threading.Thread(target=self._idle, daemon=True))
+
+    def __enter__(self) -> Attackers:
+        for thread in self.threads:
+            thread.start()
+        time.sleep(0.5)  # let them take their places before the measured load starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(10)
+
+    def _slow(self) -> None:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        head = (
+            b"POST /validate HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n{"
+        )
+        while not self.stop_event.is_set():
+            try:
+                with (
+                    socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw,
+                    context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+                ):
+                    tls.sendall(head)
+                    tls.settimeout(0.5)
+                    while not self.stop_event.is_set():
+                        try:
+                            if not tls.recv(4096):
+                                break
+                        except TimeoutError:
+                            continue
+                    else:
+                        return
+                self.closed_by_server += 1
+            except OSError:
+                time.sleep(0.1)
+
+    def _idle(self) -> None:
+        held: list[socket.socket] = []
+        while not self.stop_event.is_set():
+            for sock in held:
+                sock.close()
+            held = []
+            for _ in range(self.idle):
+                with contextlib.suppress(OSError):
+                    held.append(socket.create_connection(("127.0.0.1", self.port), timeout=5))
+            self.stop_event.wait(1.0)
+        for sock in held:
+            sock.close()
+
+
 def drive(
     server: Server, processes: int, threads: int, rate: float | None, seconds: float
 ) -> dict[str, float]:
@@ -268,13 +342,17 @@ def drive(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="gunicorn threads per worker")
+    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker")
     parser.add_argument("--clients", type=int, default=2, help="load processes")
     parser.add_argument("--connections", type=int, default=4, help="keep-alive connections per load process")
     parser.add_argument("--rate", type=float, default=TARGET_RATE, help="requests/s of the fixed-rate run")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra `mig-guard webhook` argument"
+    )
+    parser.add_argument("--slow-clients", type=int, default=2, help="stalled TLS clients in the attacked run")
+    parser.add_argument(
+        "--idle-clients", type=int, default=4, help="idle TCP connections in the attacked run"
     )
     args = parser.parse_args(argv)
 
@@ -300,16 +378,28 @@ def main(argv: list[str] | None = None) -> int:
                     "saturation": saturation,
                     "fixed": drive(server, args.clients, args.connections, args.rate, args.seconds),
                 }
+                if not floor and (args.slow_clients or args.idle_clients):
+                    with Attackers(
+                        server.port, server.ca_file, args.slow_clients, args.idle_clients
+                    ) as attack:
+                        results[name]["attacked"] = drive(
+                            server, args.clients, args.connections, args.rate, args.seconds
+                        )
+                    results[name]["attacked"]["cut_off"] = float(attack.closed_by_server)
                 rss[name] = server.rss_mib()
             finally:
                 server.stop()
 
-    print(f"\n{'run':<24}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    print(f"\n{'run':<40}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    attacked = f"@{args.rate:.0f}/s, {args.slow_clients} slow + {args.idle_clients} idle clients"
+    labels = {"saturation": "saturation", "fixed": f"@{args.rate:.0f}/s", "attacked": attacked}
     for name in ("floor", "webhook"):
-        for run in ("saturation", "fixed"):
-            r = results[name][run]
-            label = f"{name} {run if run == 'saturation' else f'@{args.rate:.0f}/s'}"
-            print(f"{label:<24}{r['rps']:>10.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}{r['errors']:>8.0f}")
+        for run, r in results[name].items():
+            label = f"{name} {labels[run]}"
+            print(f"{label:<40}{r['rps']:>10.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}{r['errors']:>8.0f}")
+    if "attacked" in results["webhook"]:
+        cut = results["webhook"]["attacked"]["cut_off"]
+        print(f"slow clients cut off by the server during the attacked run: {cut:.0f}")
     for name in ("floor", "webhook"):
         print(f"RSS per worker ({name}): " + ", ".join(f"{m:.1f} MiB" for m in rss[name]))
     wf, ff = results["webhook"]["fixed"], results["floor"]["fixed"]
@@ -336,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("no errors", wf["errors"] + ws["errors"] == 0),
     ]
+    if "attacked" in results["webhook"]:
+        wa = results["webhook"]["attacked"]
+        checks += [
+            (f"with slow and idle clients: p99 <= {TARGET_P99_MS:.0f} ms", wa["p99"] <= TARGET_P99_MS),
+            ("with slow and idle clients: no errors", wa["errors"] == 0),
+        ]
     print("\ntargets:")
     for text, ok in checks:
         print(f"  {'met ' if ok else 'MISSED'} {text}")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from migcore.catalog import load_catalog
 from webhook.admission_handler import AdmissionHandler
@@ -65,11 +66,23 @@ def _error(status: int, message: str) -> Response:
 admission = Blueprint("admission", __name__)
 
 
+def _body() -> bytes | Response:
+    """The request body, or a 408 when the client stopped sending it (the worker's read timeout)."""
+    try:
+        return request.get_data(cache=False)
+    except ClientDisconnected:
+        return _error(408, f"request body not received within {_state().settings.read_timeout:g} s")
+
+
 def _answer(endpoint: str) -> Response:
     state = _state()
     started = time.perf_counter()
+    body = _body()
+    if isinstance(body, Response):
+        state.metrics.requests.labels(endpoint, "malformed").inc()
+        return body
     try:
-        review = parse_review(request.get_data(cache=False))
+        review = parse_review(body)
     except ReviewError as exc:
         state.metrics.requests.labels(endpoint, "malformed").inc()
         log.info("malformed admission review", extra={"fields": {"endpoint": endpoint, "error": str(exc)}})
@@ -119,8 +132,11 @@ floor = Blueprint("floor", __name__)
 
 def _allow_all() -> Response:
     """The benchmark floor: same server, same JSON decode, no judgement."""
+    data = _body()
+    if isinstance(data, Response):
+        return data
     try:
-        body = decode_json(request.get_data(cache=False))
+        body = decode_json(data)
         uid = body["request"]["uid"]
     except (ReviewError, KeyError, TypeError) as exc:
         return _error(400, f"malformed AdmissionReview: {exc}")
@@ -146,19 +162,38 @@ def healthz() -> Response:
     return Response("ok\n", mimetype="text/plain")
 
 
-@health.get("/readyz")
-def readyz() -> Response:
-    state = _state()
+def readiness(state: WebhookState) -> tuple[int, str]:
+    """Ready once a mig-parted config is loaded (status code and text; also on the health port)."""
     if state.settings.floor:
-        return Response("ready (floor mode)\n", mimetype="text/plain")
+        return 200, "ready (floor mode)\n"
     source_state = state.source.cache.state if state.source else None
     if source_state is None or source_state.view is None:
         reason = source_state.problem if source_state else "no config source"
-        return Response(f"not ready: {reason}\n", status=503, mimetype="text/plain")
+        return 503, f"not ready: {reason}\n"
     text = f"ready: {len(source_state.view.config.configs)} configs from {source_state.view.origin}\n"
     if source_state.last_good_in_use:
         text += f"warning: last good version in use: {source_state.problem}\n"
-    return Response(text, mimetype="text/plain")
+    return 200, text
+
+
+def health_routes(state: WebhookState) -> dict[str, Callable[[], tuple[int, str, bytes]]]:
+    """The health port's answers: the same as the admission port's /healthz, /readyz and /metrics."""
+
+    def ready() -> tuple[int, str, bytes]:
+        status, text = readiness(state)
+        return status, "text/plain", text.encode()
+
+    return {
+        "/healthz": lambda: (200, "text/plain", b"ok\n"),
+        "/readyz": ready,
+        "/metrics": lambda: (200, PROMETHEUS_TEXT, state.metrics.exposition()),
+    }
+
+
+@health.get("/readyz")
+def readyz() -> Response:
+    status, text = readiness(_state())
+    return Response(text, status=status, mimetype="text/plain")
 
 
 metrics_bp = Blueprint("metrics", __name__)
@@ -192,7 +227,9 @@ def build_state(settings: WebhookSettings, metrics: WebhookMetrics) -> WebhookSt
         guard = ConfigMapGuard(settings.configmap, ApiNodeLister(core), hardware, settings.configmap_guard)
     metrics.track_config_age(lambda: source.cache.state.loaded_at)
     source.start()
-    rules = NodeRules(hardware, settings.reconciler_users)
+    rules = NodeRules(
+        hardware, settings.reconciler_users, allow_unbound=settings.allow_unbound_reconciler_tokens
+    )
     return WebhookState(settings, metrics, source, AdmissionHandler(rules, settings.hold, guard))
 
 

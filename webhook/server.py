@@ -1,9 +1,11 @@
 """gunicorn running the webhook app with the project's settings.
 
-gthread workers (keep-alive connections from the API server are parked in the worker's
-poller instead of pinning a thread), TLS through the `ssl_context` hook so certificate
-rotation needs no restart, no preload (each worker builds its app, watch thread and
-Kubernetes client after the fork), Prometheus multiprocess files in a fresh directory.
+gthread workers with bounded waits for slow and idle clients (`webhook.worker`; keep-alive
+connections from the API server are parked in the worker's poller instead of pinning a thread),
+TLS through the `ssl_context` hook so certificate rotation needs no restart, no preload (each
+worker builds its app, watch thread and Kubernetes client after the fork), Prometheus
+multiprocess files in a fresh directory, and (with a health port) `/healthz`, `/readyz` and
+`/metrics` served apart from admission in every worker (`webhook.health_server`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from webhook import jsonlog
-from webhook.app import create_app
+from webhook.app import create_app, health_routes
+from webhook.health_server import start_health_server
 from webhook.metrics import MULTIPROC_ENV, mark_worker_dead
 from webhook.settings import WebhookSettings
 from webhook.tls import CertificateFiles
@@ -35,17 +38,23 @@ def gunicorn_options(settings: WebhookSettings, certificates: CertificateFiles) 
     def child_exit(_server: Any, worker: Any) -> None:
         mark_worker_dead(worker.pid)
 
-    def post_fork(_server: Any, _worker: Any) -> None:
+    def post_fork(_server: Any, worker: Any) -> None:
+        worker.read_timeout = settings.read_timeout
         jsonlog.configure(settings.log_level)
         # A request arriving on a kept-alive connection is picked up by the worker's poller thread,
         # which waits for the GIL while another thread runs a request: with Python's default 5 ms
         # switch interval that wait dominates latency at moderate load (measured in bench_webhook).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
+    def post_worker_init(worker: Any) -> None:
+        if settings.health_port is not None:
+            routes = health_routes(worker.wsgi.extensions["mig_guard"])
+            start_health_server(settings.host, settings.health_port, certificates.context, routes)
+
     return {
         "bind": f"{settings.host}:{settings.port}",
         "workers": settings.workers,
-        "worker_class": "gthread",
+        "worker_class": "webhook.worker.BoundedThreadWorker",
         "threads": settings.threads,
         "keepalive": settings.keepalive,
         "timeout": settings.timeout,
@@ -63,6 +72,7 @@ def gunicorn_options(settings: WebhookSettings, certificates: CertificateFiles) 
         "preload_app": False,
         "child_exit": child_exit,
         "post_fork": post_fork,
+        "post_worker_init": post_worker_init,
         "proc_name": "mig-guard-webhook",
     }
 

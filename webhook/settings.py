@@ -25,11 +25,20 @@ class WebhookSettings:
         default_factory=lambda: ConfigMapRef(DEFAULT_CONFIGMAP_NAMESPACE, DEFAULT_CONFIGMAP_NAME)
     )
     reconciler_users: tuple[str, ...] = ()
+    # Accept reconciler writes with tokens that name no node (clusters older than Kubernetes 1.30).
+    allow_unbound_reconciler_tokens: bool = False
     kubeconfig: Path | None = None
     hold: HoldMode = HoldMode.TAINT
     configmap_guard: GuardMode = GuardMode.DENY
     workers: int = 2
-    threads: int = 1
+    # Request threads per worker: a stalled client holds one for up to read_timeout; with a single
+    # thread two of them stalled admission (bench/bench_webhook.py, run with slow and idle clients).
+    threads: int = 4
+    # Longest wait for a client's next bytes (TLS handshake, headers, body): a stalled client
+    # frees its request thread after this.
+    read_timeout: float = 5.0
+    # /healthz, /readyz and /metrics on their own port (same host), apart from admission.
+    health_port: int | None = None
     # Longer than the API server's idle timeout for webhook connections (90 s), so the server
     # never closes a connection the API server is about to reuse.
     keepalive: int = 120

@@ -2,7 +2,7 @@
 
     mig-guard webhook --listen HOST:PORT --tls-cert-file F --tls-key-file F
         [--mig-config-file F | --configmap NAMESPACE/NAME] [--configmap-key KEY]
-        [--reconciler-user USER ...] [--workers N] [--kubeconfig F]
+        [--reconciler-user USER ...] [--allow-unbound-reconciler-tokens] [--workers N] [--kubeconfig F]
         [--hold taint|cordon] [--configmap-guard deny|warn]
 
 With --mig-config-file a Node in an AdmissionReview is judged from the request alone: no
@@ -64,15 +64,35 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="USER",
-        help="user allowed to change nvidia.com/mig.config.state and mig-guard.io/* (repeatable)",
+        help="user allowed to change nvidia.com/mig.config.state and mig-guard.io/* on the node its token "
+        "is bound to (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-unbound-reconciler-tokens",
+        action="store_true",
+        help="also accept reconciler writes with tokens that name no node (clusters before Kubernetes 1.30, "
+        "where pod-bound tokens carry no node name); any node may then be written by any reconciler",
     )
     parser.add_argument("--workers", type=_positive, default=2)
     parser.add_argument(
         "--threads",
         type=_positive,
-        default=1,
-        help="request threads per worker (default 1: the handler is CPU-bound, more threads add GIL waits; "
-        "kept-alive connections do not need a thread each)",
+        default=4,
+        help="request threads per worker (default 4: kept-alive connections need no thread, but a client "
+        "that stalls holds one until --read-timeout; measured in bench/bench_webhook.py)",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=_positive,
+        default=5,
+        metavar="SECONDS",
+        help="close a connection whose client sends nothing for this long (TLS handshake, headers, body)",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=_positive,
+        metavar="PORT",
+        help="also serve /healthz, /readyz and /metrics on this port (TLS), apart from admission",
     )
     parser.add_argument("--kubeconfig", type=Path, metavar="FILE")
     parser.add_argument("--hold", choices=[m.value for m in HoldMode], default=HoldMode.TAINT.value)
@@ -94,11 +114,14 @@ def settings_from_args(args: argparse.Namespace) -> WebhookSettings:
         mig_config_file=args.mig_config_file,
         configmap=ConfigMapRef.parse(args.configmap, args.configmap_key),
         reconciler_users=tuple(args.reconciler_user),
+        allow_unbound_reconciler_tokens=args.allow_unbound_reconciler_tokens,
         kubeconfig=args.kubeconfig,
         hold=HoldMode(args.hold),
         configmap_guard=GuardMode(args.configmap_guard),
         workers=args.workers,
         threads=args.threads,
+        read_timeout=float(args.read_timeout),
+        health_port=args.health_port,
         log_level=args.log_level,
         floor=args.floor,
     )

@@ -302,13 +302,14 @@ class WebhookProcess:
     def logs(self) -> str:
         return self.log_file.read_text(errors="replace")[-6000:]
 
-    def connection(self) -> http.client.HTTPSConnection:
+    def connection(self, port: int | None = None) -> http.client.HTTPSConnection:
         return http.client.HTTPSConnection(
-            self.host, self.port, context=client_context(self.ca_file), timeout=10
+            self.host, port or self.port, context=client_context(self.ca_file), timeout=10
         )
 
-    def get(self, path: str) -> tuple[int, str]:
-        conn = self.connection()
+    def get(self, path: str, port: int | None = None) -> tuple[int, str]:
+        """GET over TLS from the admission port (or `port`, e.g. the health port)."""
+        conn = self.connection(port)
         try:
             conn.request("GET", path)
             response = conn.getresponse()
