@@ -1,23 +1,23 @@
 """The real `mig-guard webhook` deployed on the session's kube-apiserver for end-to-end tests:
-registered with the canonical configurations of `webhook.registration`, scoped to the nodes of
-one test module by an objectSelector on a test label (so nodes of other tests never reach it),
-and always unregistered at teardown."""
+registered with the canonical configurations of `webhook.registration` and the policy of
+`webhook.node_policy`, scoped to the nodes of one test module by an objectSelector on a test
+label (so nodes of other tests never reach them), and always unregistered at teardown."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from webhook_harness import WebhookProcess
 
-from devcluster.helpers import create_gpu_node, delete_webhook, ensure_namespace, register_webhook
+from devcluster.helpers import create_gpu_node, delete_webhook, ensure_namespace
 from devcluster.pytest_plugin import KubectlRunner
 from migcore import keys
-from webhook import registration
+from webhook import node_policy, registration
 from webhook.config_source import ConfigMapRef
 
 NAMESPACE = "mig-guard-e2e"
@@ -37,48 +37,65 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> N
 
 
 class Deployment:
-    """A running webhook server plus its registrations, scoped to nodes labelled SCOPE_LABEL=scope."""
+    """A running webhook server plus its registrations (both webhook configurations, the policy and
+    its binding, as `webhook.registration` and `webhook.node_policy` build them for the chart),
+    scoped to nodes labelled SCOPE_LABEL=scope."""
 
-    def __init__(self, api: Any, process: WebhookProcess, scope: str, guard: ConfigMapRef | None) -> None:
+    def __init__(
+        self,
+        api: Any,
+        process: WebhookProcess,
+        scope: str,
+        guard: ConfigMapRef | None,
+        reconciler_users: Sequence[str] = (),
+    ) -> None:
         self.api = api
+        self.guard = guard
         self.process = process
         self.scope = scope
-        self.names = [f"mig-guard-e2e-{scope}-validate", f"mig-guard-e2e-{scope}-mutate"]
-        selector = {"matchLabels": {SCOPE_LABEL: scope}}
-        common = {"ca_bundle_pem": process.authority.pem, "timeout_seconds": 5, "object_selector": selector}
-        register_webhook(
-            api,
-            "validating",
-            self.names[0],
-            process.url(registration.VALIDATE_PATH),
-            rules=registration.NODE_RULES,
-            match_conditions=registration.node_match_conditions(),
-            webhook_name=registration.NODE_VALIDATOR,
-            **common,
+        self.reconciler_users = tuple(reconciler_users)
+        self.config_name = f"mig-guard-e2e-{scope}"
+        self.policy_name = f"mig-guard-e2e-{scope}-node-writers"
+        self.selector = {"matchLabels": {SCOPE_LABEL: scope}}
+        self.register()
+
+    def register(self) -> None:
+        """Create (or re-create) the configurations, the policy and its binding."""
+        admission: Any = k8s.AdmissionregistrationV1Api(self.api)
+        users = {"reconciler_users": self.reconciler_users, "timeout_seconds": 5}
+        ca = self.process.authority.pem
+        validating = registration.validating_configuration(
+            self.config_name,
+            registration.url_client_config(self.process.url(registration.VALIDATE_PATH), ca),
+            self.guard,
+            **users,
         )
-        register_webhook(
-            api,
-            "mutating",
-            self.names[1],
-            process.url(registration.MUTATE_PATH),
-            rules=registration.NODE_RULES,
-            match_conditions=registration.node_match_conditions(),
-            reinvocation_policy="IfNeeded",
-            webhook_name=registration.NODE_MUTATOR,
-            **common,
+        mutating = registration.mutating_configuration(
+            self.config_name,
+            registration.url_client_config(self.process.url(registration.MUTATE_PATH), ca),
+            **users,
         )
-        if guard is not None:
-            self.names.append(f"mig-guard-e2e-{scope}-configmap")
-            register_webhook(
-                api,
-                "validating",
-                self.names[2],
-                process.url(registration.VALIDATE_PATH),
-                process.authority.pem,
-                rules=registration.CONFIGMAP_RULES,
-                match_conditions=registration.configmap_match_conditions(guard),
-                webhook_name=registration.CONFIGMAP_GUARD,
-            )
+        for hook in validating["webhooks"] + mutating["webhooks"]:
+            if hook["name"] != registration.CONFIGMAP_GUARD:
+                hook["objectSelector"] = self.selector
+        policy = node_policy.node_writers_policy(self.policy_name, self.reconciler_users)
+        binding = node_policy.node_writers_binding(self.policy_name, self.policy_name, self.selector)
+        for create, body in (
+            (admission.create_validating_webhook_configuration, validating),
+            (admission.create_mutating_webhook_configuration, mutating),
+            (admission.create_validating_admission_policy, policy),
+            (admission.create_validating_admission_policy_binding, binding),
+        ):
+            try:
+                create(body)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+
+    def unregister_webhooks(self) -> None:
+        """Delete both webhook configurations (the policy stays)."""
+        delete_webhook(self.api, "validating", self.config_name)
+        delete_webhook(self.api, "mutating", self.config_name)
 
     def node(self, prefix: str, **kwargs: Any) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
@@ -90,8 +107,17 @@ class Deployment:
         return self.process.metric("mig_guard_webhook_requests_total")
 
     def close(self) -> None:
-        for name in self.names:
-            delete_webhook(self.api, "mutating" if name.endswith("mutate") else "validating", name)
+        self.unregister_webhooks()
+        admission: Any = k8s.AdmissionregistrationV1Api(self.api)
+        for delete, name in (
+            (admission.delete_validating_admission_policy_binding, self.policy_name),
+            (admission.delete_validating_admission_policy, self.policy_name),
+        ):
+            try:
+                delete(name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
         self.process.stop()
 
 
@@ -123,13 +149,18 @@ def put_configmap(api: Any, ref: ConfigMapRef, text: str) -> None:
 
 
 def deployed(
-    api: Any, process: WebhookProcess, scope: str, guard: ConfigMapRef, config_text: str
+    api: Any,
+    process: WebhookProcess,
+    scope: str,
+    guard: ConfigMapRef,
+    config_text: str,
+    reconciler_users: Sequence[str] = (),
 ) -> Iterator[Deployment]:
     """Publish the config, start the server, register it; always stopped and unregistered after."""
     put_configmap(api, guard, config_text)
     process.start()
     try:
-        deployment = Deployment(api, process, scope, guard=guard)
+        deployment = Deployment(api, process, scope, guard=guard, reconciler_users=reconciler_users)
     except BaseException:
         process.stop()
         raise

@@ -83,7 +83,7 @@ def taint_webhook(
         "--reconciler-user",
         RECONCILER_USER,
     )
-    yield from deployed(k8s_api, process, "taint", CONFIGMAP, default_config_text)
+    yield from deployed(k8s_api, process, "taint", CONFIGMAP, default_config_text, [RECONCILER_USER])
 
 
 @pytest.fixture
