@@ -26,12 +26,14 @@ from devcluster.helpers import service_account_client
 from mig_guard.cli import build_parser
 from mig_guard.commands.certs import request_from_args
 from migcore import keys
-from webhook import registration
+from tools import render_chart_cel
+from webhook import node_policy, registration
 from webhook.config_source import ConfigMapRef
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mig-guard"
 SHIPPED_CONFIG = REPO / "migcore" / "data" / "default-mig-parted-config.yaml"
+CEL_TEMPLATE = CHART / "templates" / "_cel.tpl"
 
 # Value sets every rendering check runs against.
 VARIANTS: dict[str, list[str]] = {
@@ -180,8 +182,10 @@ def test_webhook_pods_are_hardened_replicated_and_spread(helm: Run) -> None:
     assert ctx["capabilities"]["drop"] == ["ALL"]
     assert ctx["seccompProfile"]["type"] == "RuntimeDefault"
     assert container["resources"]["requests"] and container["resources"]["limits"]
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "https", "scheme": "HTTPS"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "https", "scheme": "HTTPS"}
+    # The probes use the health port: clients stalling the admission port cannot fail them.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health", "scheme": "HTTPS"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health", "scheme": "HTTPS"}
+    assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
     assert {c["topologyKey"] for c in spec["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
     assert "podAntiAffinity" in spec["affinity"]
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -191,10 +195,35 @@ def test_webhook_pods_are_hardened_replicated_and_spread(helm: Run) -> None:
     assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
     service = one(docs, "Service")
     assert service["spec"]["ports"] == [
-        {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}
+        {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"},
+        {"name": "metrics", "port": 8081, "targetPort": "health", "protocol": "TCP"},
     ]
-    policy = one(docs, "NetworkPolicy")
-    assert policy["spec"]["ingress"] == [{"ports": [{"port": 8443, "protocol": "TCP"}]}]
+
+
+def test_the_admission_port_admits_the_api_server_only(helm: Run) -> None:
+    docs = render(
+        helm,
+        "--set=webhook.networkPolicy.apiServerCIDRs={10.0.0.1/32,fd00::1/128}",
+        "--set=webhook.networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
+    )
+    admission, health = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert admission == {
+        "ports": [{"port": 8443, "protocol": "TCP"}],
+        "from": [{"ipBlock": {"cidr": "10.0.0.1/32"}}, {"ipBlock": {"cidr": "fd00::1/128"}}],
+    }
+    assert health == {
+        "ports": [{"port": 8081, "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+    }
+    # Rendered without a cluster (helm template, GitOps), the addresses are unknown: any source may
+    # reach the admission port, and the policy and the install notes say so.
+    result = helm("template", "mg", str(CHART), "--namespace", "mig-guard")
+    assert "NOT KNOWN at render time" in result.stdout
+    notes = helm("install", "mg", str(CHART), "--namespace", "mig-guard", "--dry-run=client")
+    assert "WARNING: the API server's addresses were not known" in notes.stdout
+    assert one(render(helm), "NetworkPolicy")["spec"]["ingress"][0] == {
+        "ports": [{"port": 8443, "protocol": "TCP"}]
+    }
 
 
 def test_reconciler_runs_on_gpu_nodes_only_and_survives_its_own_taint(helm: Run) -> None:
@@ -236,16 +265,38 @@ def test_webhook_rules_and_match_conditions_are_the_canonical_ones(helm: Run, va
     docs = render(helm, *VARIANTS[variant])
     validating = one(docs, "ValidatingWebhookConfiguration")
     mutating = one(docs, "MutatingWebhookConfiguration")
-    configmap = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    ref = ConfigMapRef.parse(next(a for a in configmap if a.startswith("--configmap=")).split("=", 1)[1])
-    reference = registration.validating_configuration("x", {}, ref)["webhooks"]
-    reference += registration.mutating_configuration("x", {})["webhooks"]
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    ref = ConfigMapRef.parse(next(a for a in args if a.startswith("--configmap=")).split("=", 1)[1])
+    users = {
+        "reconciler_users": [a.split("=", 1)[1] for a in args if a.startswith("--reconciler-user=")],
+        "allow_unbound": "--allow-unbound-reconciler-tokens" in args,
+    }
+    reference = registration.validating_configuration("x", {}, ref, **users)["webhooks"]
+    reference += registration.mutating_configuration("x", {}, **users)["webhooks"]
     for ours, theirs in zip(validating["webhooks"] + mutating["webhooks"], reference, strict=True):
         assert ours["name"] == theirs["name"]
         assert ours["rules"] == theirs["rules"]
         assert ours["matchConditions"] == theirs["matchConditions"]
         path = registration.MUTATE_PATH if ".mutate." in ours["name"] else registration.VALIDATE_PATH
         assert ours["clientConfig"]["service"]["path"] == path
+
+
+def test_the_charts_cel_is_generated_from_the_code() -> None:
+    assert CEL_TEMPLATE.read_text() == render_chart_cel.render(), "run python tools/render_chart_cel.py"
+
+
+@pytest.mark.parametrize("allow_unbound", [False, True])
+def test_the_node_writers_policy_is_the_canonical_one(helm: Run, allow_unbound: bool) -> None:
+    """The API server evaluates the chart's policy; the e2e tests prove webhook/node_policy.py's."""
+    docs = render(helm, f"--set=reconciler.allowUnboundTokens={str(allow_unbound).lower()}")
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    user = "system:serviceaccount:mig-guard:mg-mig-guard-reconciler"
+    reference = node_policy.node_writers_policy("x", [user], allow_unbound)
+    assert policy["spec"] == reference["spec"]
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert ("--allow-unbound-reconciler-tokens" in args) is allow_unbound
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -370,6 +421,8 @@ def test_helm_install_creates_every_object(helm: Run, kubectl: Run, kubeconfig: 
         ("serviceaccount", f"{full}-webhook"),
         ("serviceaccount", f"{full}-reconciler"),
         ("serviceaccount", f"{full}-certs"),
+        ("validatingadmissionpolicy", f"{full}-node-writers"),
+        ("validatingadmissionpolicybinding", f"{full}-node-writers"),
     ]:
         got = kubectl("get", kind, name, "-n", NAMESPACE)
         assert got.returncode == 0, got.stderr

@@ -74,7 +74,8 @@ default-mig-parted-config
 {{ include "mig-guard.configMapNamespace" . }}/{{ include "mig-guard.configMapName" . }}
 {{- end -}}
 
-{{/* The identity the webhook lets change protected keys (nvidia.com/mig.config.state, mig-guard.io/*). */}}
+{{/* The identity that may change protected keys (nvidia.com/mig.config.state, mig-guard.io/*), each pod
+only on its own node (its token names the node): the webhook and the node-writers policy check it. */}}
 {{- define "mig-guard.reconcilerUser" -}}
 system:serviceaccount:{{ .Release.Namespace }}:{{ include "mig-guard.reconcilerName" . }}
 {{- end -}}
@@ -103,25 +104,33 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/*
-CEL for the Node webhooks: only a create that sets, or an update that changes, nvidia.com/mig.config,
-nvidia.com/mig.config.state or any mig-guard.io/ label or annotation reaches the webhook; kubelet
-heartbeats and GPU Feature Discovery relabels never do. Must equal webhook/registration.py's
-node_match_conditions() (tests/charts/test_chart.py checks it).
-*/}}
-{{- define "mig-guard.nodeMatchConditions" -}}
-- name: mig-config-or-protected-key-changes
-  expression: "request.operation == 'CREATE' ? ((has(object.metadata.labels) && object.metadata.labels.exists(k, (k == 'nvidia.com/mig.config' || k == 'nvidia.com/mig.config.state' || k.startsWith('mig-guard.io/')))) || (has(object.metadata.annotations) && object.metadata.annotations.exists(k, k.startsWith('mig-guard.io/')))) : ((has(object.metadata.labels) && object.metadata.labels.exists(k, (k == 'nvidia.com/mig.config' || k == 'nvidia.com/mig.config.state' || k.startsWith('mig-guard.io/')) && !(has(oldObject.metadata.labels) && k in oldObject.metadata.labels && oldObject.metadata.labels[k] == object.metadata.labels[k]))) || (has(oldObject.metadata.labels) && oldObject.metadata.labels.exists(k, (k == 'nvidia.com/mig.config' || k == 'nvidia.com/mig.config.state' || k.startsWith('mig-guard.io/')) && !(has(object.metadata.labels) && k in object.metadata.labels))) || (has(object.metadata.annotations) && object.metadata.annotations.exists(k, k.startsWith('mig-guard.io/') && !(has(oldObject.metadata.annotations) && k in oldObject.metadata.annotations && oldObject.metadata.annotations[k] == object.metadata.annotations[k]))) || (has(oldObject.metadata.annotations) && oldObject.metadata.annotations.exists(k, k.startsWith('mig-guard.io/') && !(has(object.metadata.annotations) && k in object.metadata.annotations))))"
-{{- end -}}
+{{/* The Node webhooks' matchConditions and the node-writers policy: templates/_cel.tpl (generated). */}}
 
 {{/* CEL for the ConfigMap guard: the watched ConfigMap deleted or its config key changed
-(webhook/registration.py configmap_match_conditions()). */}}
+(webhook/registration.py configmap_match_conditions()). The name comes from the object: a
+collection delete sends no request.name. */}}
 {{- define "mig-guard.configMapMatchConditions" -}}
 {{- $key := printf "'%s'" .Values.migPartedConfig.key -}}
 - name: watched-configmap
-  expression: {{ printf "request.namespace == '%s' && request.name == '%s'" (include "mig-guard.configMapNamespace" .) (include "mig-guard.configMapName" .) | quote }}
+  expression: {{ printf "request.namespace == '%s' && (request.operation == 'DELETE' ? oldObject.metadata.name : object.metadata.name) == '%s'" (include "mig-guard.configMapNamespace" .) (include "mig-guard.configMapName" .) | quote }}
 - name: config-key-changes
   expression: {{ printf "request.operation == 'DELETE' || (!has(object.data) || !has(oldObject.data) || !(%s in object.data) || !(%s in oldObject.data) || object.data[%s] != oldObject.data[%s])" $key $key $key $key | quote }}
+{{- end -}}
+
+{{/* The API server's addresses for the webhook's NetworkPolicy, comma-separated: the values, else
+the `kubernetes` EndpointSlice in namespace default as the API server publishes it (nothing under
+`helm template`, where lookup sees no cluster). */}}
+{{- define "mig-guard.apiServerCIDRs" -}}
+{{- $cidrs := .Values.webhook.networkPolicy.apiServerCIDRs -}}
+{{- if not $cidrs -}}
+{{- $slice := lookup "discovery.k8s.io/v1" "EndpointSlice" "default" "kubernetes" -}}
+{{- range ($slice.endpoints | default list) -}}
+{{- range .addresses -}}
+{{- $cidrs = append $cidrs (printf "%s/%s" . (ternary "128" "32" (contains ":" .))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- join "," $cidrs -}}
 {{- end -}}
 
 {{- define "mig-guard.webhookClientConfig" -}}
