@@ -33,13 +33,15 @@ from kubernetes import client as k8s
 from certs.authority import generate_ca, issue_serving_cert
 from devcluster import binaries
 from devcluster.controlplane import ControlPlane, free_port
-from devcluster.helpers import create_gpu_node, ensure_namespace, gfd_labels, gpu_model_file
+from devcluster.helpers import create_gpu_node, ensure_namespace, gfd_labels, gpu_model_file, pod_bound_token
+from devcluster.kubeconfig import kubeconfig_dict, write_kubeconfig
 from migcore import keys
 from migcore.catalog import sanitise_product_name
 from migcore.hardware import NodeGpus
 from reconciler.nvml_sim import SimulatedNvml, load_gpu_model
 from reconciler.rbac import RULES
 from webhook.config_source import ConfigMapRef
+from webhook.node_policy import node_writers_binding, node_writers_policy
 from webhook.registration import (
     MUTATE_PATH,
     VALIDATE_PATH,
@@ -49,7 +51,9 @@ from webhook.registration import (
 )
 
 CONFIGMAP = ConfigMapRef("gpu-operator", "default-mig-parted-config", "config.yaml")
-RECONCILER_USER = "system:serviceaccount:mig-guard:reconciler"
+RECONCILER_NAMESPACE = "mig-guard"
+RECONCILER_SA = "reconciler"
+RECONCILER_USER = f"system:serviceaccount:{RECONCILER_NAMESPACE}:{RECONCILER_SA}"
 WEBHOOK_CONFIG_NAME = "mig-guard"
 
 
@@ -163,7 +167,12 @@ class Demo:
         core: Any = k8s.CoreV1Api(self.api)
         core.create_namespaced_config_map(CONFIGMAP.namespace, body)
 
-    def grant_reconciler(self) -> Path:
+    def grant_reconciler(self) -> None:
+        """The reconciler's ServiceAccount with its RBAC rules; each agent gets a token bound to a Pod
+        on its node (what the kubelet mounts), so it may write only that node."""
+        ensure_namespace(self.api, RECONCILER_NAMESPACE)
+        core: Any = k8s.CoreV1Api(self.api)
+        core.create_namespaced_service_account(RECONCILER_NAMESPACE, {"metadata": {"name": RECONCILER_SA}})
         rbac: Any = k8s.RbacAuthorizationV1Api(self.api)
         rbac.create_cluster_role({"metadata": {"name": "mig-guard-reconciler"}, "rules": list(RULES)})
         rbac.create_cluster_role_binding(
@@ -175,12 +184,16 @@ class Demo:
                     "name": "mig-guard-reconciler",
                 },
                 "subjects": [
-                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": RECONCILER_USER}
+                    {"kind": "ServiceAccount", "name": RECONCILER_SA, "namespace": RECONCILER_NAMESPACE}
                 ],
             }
         )
+
+    def reconciler_kubeconfig(self, node: str) -> Path:
         assert self.plane is not None
-        return self.plane.write_user_kubeconfig(RECONCILER_USER)
+        token = pod_bound_token(self.api, RECONCILER_NAMESPACE, RECONCILER_SA, node, expiration_seconds=86400)
+        config = kubeconfig_dict(self.plane.server_url, self.plane.ca_pem, user=RECONCILER_SA, token=token)
+        return write_kubeconfig(self.workdir / f"reconciler-{node}.kubeconfig", config)
 
     def start_webhook(self) -> None:
         assert self.plane is not None
@@ -223,17 +236,31 @@ class Demo:
         self._wait(ready, 60, "the webhook to be ready")
         base = f"https://127.0.0.1:{port}"
         admission: Any = k8s.AdmissionregistrationV1Api(self.api)
+        users = [RECONCILER_USER]
         admission.create_validating_webhook_configuration(
             validating_configuration(
-                WEBHOOK_CONFIG_NAME, url_client_config(base + VALIDATE_PATH, ca.cert_pem()), CONFIGMAP
+                WEBHOOK_CONFIG_NAME,
+                url_client_config(base + VALIDATE_PATH, ca.cert_pem()),
+                CONFIGMAP,
+                reconciler_users=users,
             )
         )
         admission.create_mutating_webhook_configuration(
-            mutating_configuration(WEBHOOK_CONFIG_NAME, url_client_config(base + MUTATE_PATH, ca.cert_pem()))
+            mutating_configuration(
+                WEBHOOK_CONFIG_NAME,
+                url_client_config(base + MUTATE_PATH, ca.cert_pem()),
+                reconciler_users=users,
+            )
         )
-        self.out.detail(f"webhook on {base} (gunicorn, TLS), registered for Nodes and the ConfigMap")
+        policy = f"{WEBHOOK_CONFIG_NAME}-node-writers"
+        admission.create_validating_admission_policy(node_writers_policy(policy, users))
+        admission.create_validating_admission_policy_binding(node_writers_binding(policy, policy))
+        self.out.detail(
+            f"webhook on {base} (gunicorn, TLS), registered for Nodes and the ConfigMap; "
+            "node-writers policy installed"
+        )
 
-    def start_nodes(self, reconciler_kubeconfig: Path) -> None:
+    def start_nodes(self) -> None:
         core: Any = k8s.CoreV1Api(self.api)
         for node in NODES:
             state_file = self.workdir / f"gpus-{node.name}.json"
@@ -246,6 +273,7 @@ class Demo:
                 gpus = ("--simulated-gpu-spec", f"{node.model}:{node.gpus}")
                 labels = gfd_labels(node.product, node.gpus, memory_mib=model.memory_mib)
             create_gpu_node(self.api, node.name, product=node.product, gpu_count=node.gpus, labels=labels)
+            reconciler_kubeconfig = self.reconciler_kubeconfig(node.name)
             self._spawn(
                 f"reconciler-{node.name}",
                 [
@@ -396,7 +424,8 @@ def run_demo(wait: bool = True, keep: bool = False, out: Output | None = None) -
             out.step("Starting the mig-guard webhook")
             demo.start_webhook()
             out.step("Creating GPU nodes and a reconciler for each (simulated GPUs)")
-            demo.start_nodes(demo.grant_reconciler())
+            demo.grant_reconciler()
+            demo.start_nodes()
             demo.play()
             assert demo.plane is not None
             out.step("Scripted part done. The cluster stays up; try it:")

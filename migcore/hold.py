@@ -15,6 +15,12 @@ from dataclasses import dataclass
 MAX_ANNOTATION_BYTES = 4096
 
 
+def pending_reason(config: str) -> str:
+    """The `mig-guard.io/reason` the webhook sets with an accepted layout (the reconciler knows it
+    as the one reason that is not its own, see `reconciler.ownership`)."""
+    return f"waiting for the reconciler to apply {config}"
+
+
 @dataclass(frozen=True)
 class HoldRecord:
     taint: bool

@@ -42,6 +42,7 @@ from reconciler.metrics import Metrics
 from reconciler.node_state import HoldMode, NodeState
 from reconciler.operands import Operands, OperandTimeoutError, to_pause
 from reconciler.operands import describe as describe_operands
+from reconciler.ownership import claim_report
 from reconciler.progress import NodeProgressStore, Progress, ProgressStore
 from reconciler.workloads import DEFAULT_SOCKET, WorkloadFinder
 
@@ -252,6 +253,13 @@ class Reconciler:
         name = labels.get(keys.LABEL_MIG_CONFIG, "")
         progress = self.store.load()
         log.debug("reconcile (%s): desired %r, progress %s", why, name, progress and progress.phase)
+        if (
+            progress is None
+            and {"start", "resync"} & set(why.split(","))
+            and claim_report(self.node, node, name)
+        ):
+            labels.pop(keys.LABEL_MIG_STATE, None)  # removed: what follows reports what is true
+            annotations.pop(keys.ANNOTATION_REASON, None)
         if not name:
             self._no_desired_config(progress, labels, annotations)
             return
