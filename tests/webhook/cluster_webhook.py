@@ -122,18 +122,16 @@ class Deployment:
 
 
 def wait_active(kubectl: KubectlRunner, deployment: Deployment) -> None:
-    """The API server picks registrations up asynchronously: probe with a server-side dry run."""
+    """The API server picks registrations and bindings up asynchronously: probe with server-side dry
+    runs until the webhook refuses a typo and the policy (it answers before the webhooks) a spoof."""
     probe = deployment.node("probe")
 
     def active() -> bool:
-        return (
-            kubectl(
-                "label", "node", probe, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gbb", "--dry-run=server"
-            ).returncode
-            != 0
-        )
+        typo = kubectl("label", "node", probe, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gbb", "--dry-run=server")
+        spoof = kubectl("label", "node", probe, f"{keys.LABEL_MIG_STATE}=success", "--dry-run=server")
+        return typo.returncode != 0 and "ValidatingAdmissionPolicy" in spoof.stderr
 
-    wait_for(active, "the webhook registration to take effect")
+    wait_for(active, "the webhook registrations and the policy binding to take effect")
 
 
 def put_configmap(api: Any, ref: ConfigMapRef, text: str) -> None:
