@@ -5,14 +5,16 @@ label (so nodes of other tests never reach them), and always unregistered at tea
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
-from webhook_harness import WebhookProcess
+from webhook_harness import TestAuthority, WebhookProcess
 
 from devcluster.helpers import create_gpu_node, delete_webhook, ensure_namespace
 from devcluster.pytest_plugin import KubectlRunner
@@ -146,15 +148,30 @@ def put_configmap(api: Any, ref: ConfigMapRef, text: str) -> None:
         core.replace_namespaced_config_map(ref.name, ref.namespace, body)
 
 
+@contextlib.contextmanager
 def deployed(
     api: Any,
-    process: WebhookProcess,
+    kubeconfig: Path,
+    workdir: Path,
+    authority: TestAuthority,
     scope: str,
     guard: ConfigMapRef,
     config_text: str,
+    *extra: str,
     reconciler_users: Sequence[str] = (),
+    workers: int = 2,
 ) -> Iterator[Deployment]:
-    """Publish the config, start the server, register it; always stopped and unregistered after."""
+    """Publish the config, start `mig-guard webhook` watching it (plus `extra` arguments), register it;
+    always stopped and unregistered after."""
+    users = [arg for user in reconciler_users for arg in ("--reconciler-user", user)]
+    process = WebhookProcess(
+        workdir,
+        authority,
+        *("--configmap", f"{guard.namespace}/{guard.name}", "--kubeconfig", str(kubeconfig)),
+        *users,
+        *extra,
+        workers=workers,
+    )
     put_configmap(api, guard, config_text)
     process.start()
     try:

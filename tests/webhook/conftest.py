@@ -3,7 +3,8 @@ webhook deployed on the session's API server."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,17 +13,17 @@ import pytest
 from cluster_webhook import (
     CONFIGMAP,
     CONFIGMAP_WARN,
-    NAMESPACE,
     RECONCILER_USER,
     Deployment,
     deployed,
     wait_active,
 )
-from webhook_harness import TestAuthority, WebhookProcess
+from webhook_harness import TestAuthority
 
 from devcluster.pytest_plugin import KubectlRunner
 from migcore.catalog import load_catalog
 from migcore.config import load_config_file
+from webhook.config_source import ConfigMapRef
 from webhook.node_hardware import HardwareResolver
 from webhook.validation import ConfigView, NodeRules
 
@@ -65,25 +66,40 @@ def default_config_text(default_config_file: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def taint_webhook(
+def deploy(
     k8s_api: Any,
     kubeconfig: Path,
     tmp_path_factory: pytest.TempPathFactory,
     authority: TestAuthority,
     default_config_text: str,
-) -> Iterator[Deployment]:
+) -> Iterator[Callable[..., Deployment]]:
+    """deploy(scope, configmap, *webhook args, reconciler_users=(), workers=2) -> a Deployment of this
+    module, torn down with it (see cluster_webhook.deployed)."""
+    with contextlib.ExitStack() as stack:
+
+        def make(scope: str, guard: ConfigMapRef, *extra: str, **options: Any) -> Deployment:
+            workdir = tmp_path_factory.mktemp(f"webhook-{scope}")
+            return stack.enter_context(
+                deployed(
+                    k8s_api,
+                    kubeconfig,
+                    workdir,
+                    authority,
+                    scope,
+                    guard,
+                    default_config_text,
+                    *extra,
+                    **options,
+                )
+            )
+
+        yield make
+
+
+@pytest.fixture(scope="module")
+def taint_webhook(deploy: Callable[..., Deployment]) -> Deployment:
     """The webhook in its default mode: the ConfigMap watched through the API, holds by taint."""
-    process = WebhookProcess(
-        tmp_path_factory.mktemp("webhook-taint"),
-        authority,
-        "--configmap",
-        f"{NAMESPACE}/{CONFIGMAP.name}",
-        "--kubeconfig",
-        str(kubeconfig),
-        "--reconciler-user",
-        RECONCILER_USER,
-    )
-    yield from deployed(k8s_api, process, "taint", CONFIGMAP, default_config_text, [RECONCILER_USER])
+    return deploy("taint", CONFIGMAP, reconciler_users=[RECONCILER_USER])
 
 
 @pytest.fixture
@@ -93,25 +109,6 @@ def webhook(taint_webhook: Deployment, kubectl: KubectlRunner) -> Deployment:
 
 
 @pytest.fixture(scope="module")
-def cordon_webhook(
-    k8s_api: Any,
-    kubeconfig: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    authority: TestAuthority,
-    default_config_text: str,
-) -> Iterator[Deployment]:
+def cordon_webhook(deploy: Callable[..., Deployment]) -> Deployment:
     """A second server: its own ConfigMap, the guard in warn mode, holds by cordon, one worker."""
-    process = WebhookProcess(
-        tmp_path_factory.mktemp("webhook-cordon"),
-        authority,
-        "--configmap",
-        f"{CONFIGMAP_WARN.namespace}/{CONFIGMAP_WARN.name}",
-        "--kubeconfig",
-        str(kubeconfig),
-        "--hold",
-        "cordon",
-        "--configmap-guard",
-        "warn",
-        workers=1,
-    )
-    yield from deployed(k8s_api, process, "cordon", CONFIGMAP_WARN, default_config_text)
+    return deploy("cordon", CONFIGMAP_WARN, "--hold", "cordon", "--configmap-guard", "warn", workers=1)

@@ -19,14 +19,13 @@ from cluster_webhook import (
     RECONCILER_SA,
     RECONCILER_USER,
     Deployment,
-    deployed,
     read_node,
     wait_active,
     wait_for,
 )
 from kubernetes import client as k8s
 from kubernetes import watch
-from webhook_harness import A100, TestAuthority, WebhookProcess
+from webhook_harness import A100
 
 from devcluster.controlplane import ControlPlane
 from devcluster.helpers import pod_bound_token, service_account_client
@@ -37,27 +36,9 @@ from reconciler.rbac import RULES
 
 
 @pytest.fixture(scope="module")
-def deployment(
-    k8s_api: Any,
-    kubeconfig: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    authority: TestAuthority,
-    default_config_text: str,
-) -> Iterator[Deployment]:
-    process = WebhookProcess(
-        tmp_path_factory.mktemp("webhook-reconciler"),
-        authority,
-        "--configmap",
-        f"{NAMESPACE}/{CONFIGMAP.name}",
-        "--kubeconfig",
-        str(kubeconfig),
-        "--reconciler-user",
-        RECONCILER_USER,
-    )
+def deployment(k8s_api: Any, deploy: Callable[..., Deployment]) -> Deployment:
     service_account_client(k8s_api, NAMESPACE, RECONCILER_SA, RULES, cluster_wide=True)
-    yield from deployed(
-        k8s_api, process, "with-reconciler", CONFIGMAP, default_config_text, [RECONCILER_USER]
-    )
+    return deploy("with-reconciler", CONFIGMAP, reconciler_users=[RECONCILER_USER])
 
 
 class Agent:
