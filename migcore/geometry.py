@@ -62,13 +62,26 @@ class GpuInstanceSpec:
 
 @dataclass(frozen=True)
 class GpuGeometry:
-    """The whole layout of one GPU: MIG mode and its instances, sorted by start."""
+    """The whole layout of one GPU: MIG mode and its instances, sorted by start.
+
+    `mig_pending` is the MIG mode the next GPU reset or host reboot would activate, when it differs
+    from `mig_enabled` (None: nothing pending). NVML reports it; a layout one asks for never has one,
+    so a GPU with a pending mode never matches a desired layout and the plan clears (or completes)
+    it: left alone, it would silently change the mode at the next reboot.
+    """
 
     mig_enabled: bool
     instances: tuple[GpuInstanceSpec, ...] = ()
+    mig_pending: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "instances", tuple(sorted(self.instances)))
+        if self.mig_pending == self.mig_enabled:
+            object.__setattr__(self, "mig_pending", None)
+
+    def settled(self) -> GpuGeometry:
+        """The same layout with no MIG mode pending."""
+        return GpuGeometry(self.mig_enabled, self.instances)
 
     def device_counts(self) -> Counter[str]:
         """Counts per `mig-devices` key, the way mig-parted compares layouts (one per CI)."""
@@ -80,13 +93,23 @@ class GpuGeometry:
 
     def summary(self) -> str:
         if not self.mig_enabled:
-            return "MIG disabled"
-        if not self.instances:
-            return "MIG enabled, no instances"
-        return ", ".join(f"{gi.profile}@{gi.start}" for gi in self.instances)
+            text = "MIG disabled"
+        elif not self.instances:
+            text = "MIG enabled, no instances"
+        else:
+            text = ", ".join(f"{gi.profile}@{gi.start}" for gi in self.instances)
+        if self.mig_pending is not None:
+            text += f" (MIG {'enabled' if self.mig_pending else 'disabled'} pending)"
+        return text
 
     def to_json(self) -> dict[str, Any]:
-        return {"migEnabled": self.mig_enabled, "gpuInstances": [gi.to_json() for gi in self.instances]}
+        out: dict[str, Any] = {
+            "migEnabled": self.mig_enabled,
+            "gpuInstances": [gi.to_json() for gi in self.instances],
+        }
+        if self.mig_pending is not None:
+            out["migPending"] = self.mig_pending
+        return out
 
     @staticmethod
     def from_json(raw: Any, where: str = "geometry") -> GpuGeometry:
@@ -95,7 +118,11 @@ class GpuGeometry:
         gis = raw.get("gpuInstances", [])
         if not isinstance(gis, list):
             raise ValueError(f"{where}.gpuInstances: expected a list")
+        pending = raw.get("migPending")
+        if pending is not None and not isinstance(pending, bool):
+            raise ValueError(f"{where}.migPending: expected a boolean")
         return GpuGeometry(
             raw["migEnabled"],
             tuple(GpuInstanceSpec.from_json(g, f"{where}.gpuInstances[{i}]") for i, g in enumerate(gis)),
+            pending,
         )

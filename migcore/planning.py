@@ -102,6 +102,11 @@ class GpuPlan:
         """A MIG mode change disturbs the whole GPU (every workload on it must move)."""
         return self.current.mig_enabled != self.desired.mig_enabled
 
+    @property
+    def disturbs_workloads(self) -> bool:
+        """False for a plan that only clears a pending MIG mode: no instance or process is touched."""
+        return self.mode_changes or any(op.op != "set-mig-mode" for op in self.operations)
+
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "operations": [op.to_json() for op in self.operations]}
 
@@ -197,12 +202,23 @@ def plan_gpu(index: int, current: GpuGeometry, desired: GpuGeometry) -> GpuPlan:
     Order: destroy compute instances, destroy GPU instances, (mode change + reset), create GPU
     instances, create compute instances. A GPU instance with the same profile at the same start
     in both layouts is kept; only its differing compute instances are destroyed and created.
+    A plan never leaves a MIG mode pending (`desired.mig_pending` is not planned for): a mode
+    pending on `current` is activated by the mode change that wants it, or else set back first.
+    Only a GPU left exactly as it is (`desired == current`, e.g. one no config entry covers)
+    keeps its pending mode.
     """
     if current == desired:
         return GpuPlan(index, current, desired, ())
-    ops: list[Operation] = []
+    desired = desired.settled()
+    if current == desired:
+        return GpuPlan(index, current, desired, ())
     if current.mig_enabled != desired.mig_enabled:
         return _plan_mode_change(index, current, desired)
+    ops: list[Operation] = []
+    if current.mig_pending is not None:
+        ops.append(Operation("set-mig-mode", index, enabled=current.mig_enabled))
+        if current.settled() == desired:
+            return GpuPlan(index, current, desired, tuple(ops))
     current_by_key = {(gi.start, gi.profile): gi for gi in current.instances}
     desired_by_key = {(gi.start, gi.profile): gi for gi in desired.instances}
     destroy_ci: list[Operation] = []
@@ -234,7 +250,7 @@ def plan_gpu(index: int, current: GpuGeometry, desired: GpuGeometry) -> GpuPlan:
             for ci in gi.compute
             if ci not in have
         ]
-    ops = destroy_ci + destroy_gi + create_gi + create_ci
+    ops += destroy_ci + destroy_gi + create_gi + create_ci
     return GpuPlan(index, current, desired, tuple(ops), frozenset(affected))
 
 
@@ -487,17 +503,21 @@ def apply_operations(
 
     `sizes` gives each GI profile's placement size (the same name can differ across products).
     Enforces what NVML enforces about order: no GI destroyed while it holds CIs, no instance
-    created with MIG off or on an occupied place, no duplicate CI.
+    created with MIG off or on an occupied place, no duplicate CI, MIG not disabled while
+    instances exist; `set-mig-mode` only sets the pending mode, `reset-gpu` activates it.
     """
     enabled = geometry.mig_enabled
+    pending = geometry.mig_enabled if geometry.mig_pending is None else geometry.mig_pending
     gis: dict[int, GpuInstanceSpec] = {gi.start: gi for gi in geometry.instances}
     for op in operations:
         if op.op == "set-mig-mode":
+            if not op.enabled and gis:
+                raise PlanError(f"{op.describe()}: GPU still has instances")
+            pending = bool(op.enabled)
+        elif op.op == "reset-gpu":
             if gis:
                 raise PlanError(f"{op.describe()}: GPU still has instances")
-            enabled = bool(op.enabled)
-        elif op.op == "reset-gpu":
-            continue
+            enabled = pending
         elif op.op == "destroy-gi":
             gi = gis.get(op.start if op.start is not None else -1)
             if gi is None or gi.profile != op.profile:
@@ -528,7 +548,7 @@ def apply_operations(
                 if ci in gi.compute:
                     raise PlanError(f"{op.describe()}: already exists")
                 gis[gi.start] = replace(gi, compute=tuple(sorted((*gi.compute, ci))))
-    return GpuGeometry(enabled, tuple(gis.values()) if enabled else ())
+    return GpuGeometry(enabled, tuple(gis.values()) if enabled else (), pending)
 
 
 def apply_plan(plan: GpuPlan) -> GpuGeometry:
@@ -557,7 +577,7 @@ def pods_to_move(
             devices = where
         for gpu, gi_start in devices:
             gpu_plan = touched.get(gpu)
-            if gpu_plan is None:
+            if gpu_plan is None or not gpu_plan.disturbs_workloads:
                 continue
             if gpu_plan.mode_changes or gi_start is None or gi_start in gpu_plan.affected_gi_starts:
                 out.append(pod)

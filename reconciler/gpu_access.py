@@ -324,20 +324,22 @@ class GpuAccess:
         return sorted(records, key=lambda r: r.start)
 
     def geometry(self, index: int) -> GpuGeometry:
-        """The current layout of GPU `index`, placements and compute instances included."""
-        current, _ = self.mig_mode(index)
+        """The current layout of GPU `index`, placements, compute instances and a pending MIG
+        mode included."""
+        current, pending = self.mig_mode(index)
         if not current:
-            return GpuGeometry(False)
-        return self._geometry_of(self._walk(index, self._handle(index)))
+            return GpuGeometry(False, mig_pending=pending)
+        return self._geometry_of(self._walk(index, self._handle(index)), pending)
 
     @staticmethod
-    def _geometry_of(records: list[_GiRecord]) -> GpuGeometry:
+    def _geometry_of(records: list[_GiRecord], pending: bool | None = None) -> GpuGeometry:
         return GpuGeometry(
             True,
             tuple(
                 GpuInstanceSpec(r.start, r.size, str(r.profile), tuple(c[2] for c in r.compute))
                 for r in records
             ),
+            pending,
         )
 
     def geometries(self) -> dict[int, GpuGeometry]:
@@ -357,10 +359,13 @@ class GpuAccess:
             model: Model = (device, subsystem, name)
             capable = self._mig_capable(index)
             geometry = GpuGeometry(False)
-            if capable and self.mig_mode(index)[0]:
+            current, pending = self.mig_mode(index) if capable else (False, False)
+            if current:
                 records = self._walk(index, handle)
-                geometry = self._geometry_of(records)
+                geometry = self._geometry_of(records, pending)
                 self._read_table(index, handle, model, records)
+            elif pending:
+                geometry = GpuGeometry(False, mig_pending=True)
             gpus.append(
                 DiscoveredGpu(
                     index,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from migcore.geometry import GpuGeometry
-from migcore.planning import GpuPlan, Operation, plan_gpu
+from migcore.planning import GpuPlan, plan_gpu
 from reconciler.gpu_access import GpuAccess, GpuError, Progress
 
 
@@ -50,38 +50,28 @@ def _read(access: GpuAccess, index: int) -> GpuGeometry | None:
         return None
 
 
-def _mode_settled(access: GpuAccess, index: int, enabled: bool) -> bool:
-    current, pending = access.mig_mode(index)
-    return current == enabled and pending == enabled
-
-
 def clear_pending_mode(access: GpuAccess, index: int) -> bool:
     """Set a pending MIG mode back to the current one; True if there was one.
 
-    A change interrupted between `set-mig-mode` and `reset-gpu` leaves a pending mode that a
-    GpuGeometry does not show and that the next reset or reboot would silently activate.
+    A change interrupted between `set-mig-mode` and `reset-gpu` (or a mode set outside mig-guard)
+    leaves a pending mode that the next reset or reboot would silently activate. Used as the last
+    step of a rollback that failed: whatever else the GPU holds, it keeps its mode.
     """
-    current, pending = access.mig_mode(index)
-    if current == pending:
-        return False
     now = access.geometry(index)
-    access.apply(GpuPlan(index, now, now, (Operation("set-mig-mode", index, enabled=current),)))
+    if now.mig_pending is None:
+        return False
+    access.apply(plan_gpu(index, now, now.settled()))
     return True
 
 
 def roll_back(access: GpuAccess, index: int, target: GpuGeometry) -> GpuGeometry:
     """Return GPU `index` to `target` from whatever it holds now; the layout read at the end.
 
-    A half-done mode change leaves a pending mode that the next reset or reboot would activate,
-    so it is set back too. Raises GpuError when an operation of the way back fails.
+    The way back is planned like any change, so a half-done mode change's pending mode is set
+    back (or completed) too. Raises GpuError when an operation of the way back fails.
     """
     now = access.geometry(index)
-    back = plan_gpu(index, now, target)
-    operations = list(back.operations)
-    current, pending = access.mig_mode(index)
-    if not back.mode_changes and pending != current:
-        operations.insert(0, Operation("set-mig-mode", index, enabled=current))
-    access.apply(GpuPlan(index, now, target, tuple(operations)))
+    access.apply(plan_gpu(index, now, target))
     return access.geometry(index)
 
 
@@ -101,7 +91,7 @@ def apply_with_rollback(
     try:
         access.apply(plan, progress)
         after = access.geometry(index)
-        if after == plan.desired and _mode_settled(access, index, plan.desired.mig_enabled):
+        if after == plan.desired:
             return ApplyOutcome(index, True, None, False, after)
         error = GpuError(
             f"GPU {index}: the layout read back ({after.summary()}) is not the one applied ({plan.desired.summary()})",
@@ -114,7 +104,6 @@ def apply_with_rollback(
         return ApplyOutcome(index, False, error, False, _read(access, index), needs_reboot=True)
     try:
         final = roll_back(access, index, plan.current)
-        restored = final == plan.current and _mode_settled(access, index, plan.current.mig_enabled)
-        return ApplyOutcome(index, False, error, restored, final)
+        return ApplyOutcome(index, False, error, final == plan.current.settled(), final)
     except GpuError as rollback_error:
         return ApplyOutcome(index, False, error, False, _read(access, index), rollback_error)

@@ -116,6 +116,36 @@ def test_plan_reaches_exactly_the_desired_layout_and_nothing_more(
     _check_plan_invariants(current, desired)
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout_pairs())
+def test_a_pending_mode_is_activated_or_cleared_never_left_behind(
+    pair: tuple[Product, GpuGeometry, GpuGeometry],
+) -> None:
+    _, layout_now, desired = pair
+    # What NVML reports after `nvidia-smi -mig <other mode>` without a reset.
+    current = GpuGeometry(layout_now.mig_enabled, layout_now.instances, not layout_now.mig_enabled)
+    assert "pending" in current.summary()
+    plan = plan_gpu(3, current, desired)
+    after = apply_plan(plan)
+    assert after == desired and after.mig_pending is None
+    if current.settled() == desired:  # only the pending mode differs: set it back, touch nothing
+        assert [op.op for op in plan.operations] == ["set-mig-mode"]
+        assert not plan.disturbs_workloads
+        node = NodePlan((plan,))
+        assert pods_to_move(node, {"on-it": (3, None)}) == []
+    # A GPU left exactly as it is (no config entry covers it) keeps what it has.
+    assert plan_gpu(3, current, current).operations == ()
+
+
+def test_a_pending_mode_round_trips_through_json() -> None:
+    pending = GpuGeometry(True, SEVEN.instances, mig_pending=False)
+    assert GpuGeometry.from_json(pending.to_json()) == pending
+    assert "migPending" not in SEVEN.to_json()  # settled layouts serialise as before
+    assert GpuGeometry(True, mig_pending=True).mig_pending is None  # same as current: nothing pending
+    with pytest.raises(ValueError, match="migPending"):
+        GpuGeometry.from_json({"migEnabled": True, "migPending": "off"})
+
+
 @settings(max_examples=200, deadline=None)
 @given(layout_pairs())
 def test_kept_in_place_layout_is_equivalent_valid_and_keeps_at_least_as_much(
