@@ -508,15 +508,35 @@ class GpuAccess:
         return out
 
     def device_ids(self, index: int) -> dict[str, int | None]:
-        """GPU UUID -> None, and each MIG device UUID -> its GI start (to place PodResources ids)."""
+        """Every id a device plugin may give a device of GPU `index` -> its GI start (None: the
+        whole GPU), to place the ids PodResources reports.
+
+        The GPU: its UUID and, for `deviceIDStrategy: index`, its index (`"0"`). Each MIG device:
+        its UUID (`MIG-<uuid>`), the form of drivers before R470 (`MIG-GPU-<gpu uuid>/<GI id>/<CI
+        id>`) and its index form (`"<GPU index>:<MIG device index>"`).
+        """
         step = "list device ids"
+        nvml = self.nvml
         handle = self._handle(index, step)
-        out: dict[str, int | None] = {str(self._call(index, step, self.nvml.nvmlDeviceGetUUID, handle)): None}
+        gpu_uuid = str(self._call(index, step, nvml.nvmlDeviceGetUUID, handle))
+        out: dict[str, int | None] = {gpu_uuid: None, str(index): None}
         if not self.mig_mode(index)[0]:
             return out
         starts = {r.id: r.start for r in self._walk(index, handle, step)}
-        for mig, gi_id in self._mig_devices(index, handle, step):
-            out[str(self._call(index, step, self.nvml.nvmlDeviceGetUUID, mig))] = starts.get(gi_id)
+        count = int(self._call(index, step, nvml.nvmlDeviceGetMaxMigDeviceCount, handle))
+        for k in range(count):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, k)
+            except nvml.NVMLError_NotFound:
+                continue
+            except nvml.NVMLError as exc:
+                raise _failed(index, step, nvml.nvmlDeviceGetMigDeviceHandleByIndex, exc) from exc
+            gi_id = int(self._call(index, step, nvml.nvmlDeviceGetGpuInstanceId, mig))
+            ci_id = int(self._call(index, step, nvml.nvmlDeviceGetComputeInstanceId, mig))
+            start = starts.get(gi_id)
+            out[str(self._call(index, step, nvml.nvmlDeviceGetUUID, mig))] = start
+            out[f"MIG-{gpu_uuid}/{gi_id}/{ci_id}"] = start
+            out[f"{index}:{k}"] = start
         return out
 
     # --- changing the layout ----------------------------------------------------------------------

@@ -1,17 +1,21 @@
 """Which pods on this node use which GPU or MIG device.
 
 The kubelet's PodResources API (v1 `List`, gRPC on a unix socket) says which device ids each
-container got; device ids are GPU or MIG UUIDs, which `GpuAccess.device_ids` maps to a GPU index
-and GPU-instance start. So only pods on instances that a plan destroys need to move. Without the
-socket we cannot tell, and every pod on the node that requests a GPU resource counts as
-affected (the conservative answer).
+container got; `GpuAccess.device_ids` maps every id form device plugins use (GPU and MIG UUIDs,
+the older `MIG-GPU-<uuid>/<gi>/<ci>`, index ids) to a GPU index and GPU-instance start, and a
+`::N` replica suffix (time-slicing, MPS) is dropped first. So only pods on instances that a plan
+destroys need to move. A device counts as a GPU when its resource name is a GPU resource (the
+defaults below, or the admin's patterns: the GPU Operator can rename shared GPUs to anything) or
+when its id is a GPU or MIG id. Without the socket we cannot tell, and every pod on the node that
+requests a GPU resource counts as affected (the conservative answer).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +28,11 @@ from reconciler.podresources import api_pb2, api_pb2_grpc
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
-GPU_RESOURCE = "nvidia.com/gpu"
-MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
+# What the NVIDIA device plugin advertises: whole GPUs, GPUs shared by time-slicing or MPS with
+# `renameByDefault`, and MIG devices (`nvidia.com/mig-1g.5gb`, `...-1g.5gb.shared`).
+DEFAULT_GPU_RESOURCES: tuple[str, ...] = ("nvidia.com/gpu", "nvidia.com/gpu.shared", "nvidia.com/mig-*")
 TERMINAL_PHASES = ("Succeeded", "Failed")
+_UUID_PREFIXES = ("GPU-", "MIG-")
 
 
 @dataclass(frozen=True, order=True)
@@ -46,12 +52,27 @@ class PodDevices:
     devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def is_gpu_resource(name: str) -> bool:
-    return name == GPU_RESOURCE or name.startswith(MIG_RESOURCE_PREFIX)
+def is_gpu_resource(name: str, patterns: Sequence[str] = DEFAULT_GPU_RESOURCES) -> bool:
+    """True when `name` matches one of `patterns` (shell-style, e.g. `nvidia.com/mig-*`)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def list_pod_devices(socket_path: str, timeout: float = 10.0) -> list[PodDevices]:
-    """Call PodResources v1 `List` on the kubelet socket; keep only GPU resources."""
+def device_key(device_id: str) -> str:
+    """The device behind a PodResources id: `GPU-<uuid>::3` (replica 3 of a shared GPU) -> `GPU-<uuid>`."""
+    return device_id.split("::", 1)[0]
+
+
+def is_gpu_device_id(device_id: str) -> bool:
+    """A GPU or MIG UUID (any of its forms), whatever resource name carries it."""
+    return device_key(device_id).startswith(_UUID_PREFIXES)
+
+
+def list_pod_devices(
+    socket_path: str, timeout: float = 10.0, patterns: Sequence[str] = DEFAULT_GPU_RESOURCES
+) -> list[PodDevices]:
+    """Call PodResources v1 `List` on the kubelet socket; keep only GPU devices: those of a GPU
+    resource name, and those with a GPU or MIG UUID under any name (an index id like "0" only
+    counts under a GPU resource name: other device plugins use such ids too)."""
     with grpc.insecure_channel(f"unix://{socket_path}") as channel:
         stub = api_pb2_grpc.PodResourcesListerStub(channel)
         response = stub.List(api_pb2.ListPodResourcesRequest(), timeout=timeout)
@@ -60,14 +81,16 @@ def list_pod_devices(socket_path: str, timeout: float = 10.0) -> list[PodDevices
         devices: dict[str, list[str]] = {}
         for container in pod.containers:
             for dev in container.devices:
-                if is_gpu_resource(dev.resource_name):
-                    devices.setdefault(dev.resource_name, []).extend(dev.device_ids)
+                named = is_gpu_resource(dev.resource_name, patterns)
+                ids = [i for i in dev.device_ids if named or is_gpu_device_id(i)]
+                if ids:
+                    devices.setdefault(dev.resource_name, []).extend(ids)
         if devices:
             out.append(PodDevices(PodRef(pod.namespace, pod.name), {k: tuple(v) for k, v in devices.items()}))
     return out
 
 
-def requests_gpu(pod: Any) -> bool:
+def requests_gpu(pod: Any, patterns: Sequence[str] = DEFAULT_GPU_RESOURCES) -> bool:
     """True when any container (or init container) requests or limits a GPU/MIG resource."""
     spec = pod.spec
     for container in [*(spec.containers or []), *(spec.init_containers or [])]:
@@ -75,7 +98,7 @@ def requests_gpu(pod: Any) -> bool:
         if resources is None:
             continue
         for amounts in (resources.requests or {}, resources.limits or {}):
-            if any(is_gpu_resource(name) for name in amounts):
+            if any(is_gpu_resource(name, patterns) for name in amounts):
                 return True
     return False
 
@@ -88,6 +111,7 @@ class WorkloadFinder:
     node_name: str
     socket_path: str = DEFAULT_SOCKET
     timeout: float = 10.0
+    patterns: Sequence[str] = DEFAULT_GPU_RESOURCES
 
     def _live_pods(self) -> dict[PodRef, Any]:
         core: Any = k8s.CoreV1Api(self.api)
@@ -103,9 +127,9 @@ class WorkloadFinder:
     ) -> tuple[dict[PodRef, list[DevicePlacement]], str]:
         """Each GPU-using pod -> [(GPU index, GI start or None = whole GPU / unknown)], and the source.
 
-        `device_ids`: per GPU index, UUID -> GI start (None for the GPU's own UUID). A device id
-        that matches no known UUID lands on every GPU with a None start, so it always counts as
-        affected: better to move a pod than to pull a GPU from under it.
+        `device_ids`: per GPU index, every id of its devices -> GI start (None for the GPU itself).
+        A GPU device whose id matches none of them lands on every GPU with a None start, so it
+        always counts as affected: better to move a pod than to pull a GPU from under it.
         """
         live = self._live_pods()
         where_is: dict[str, DevicePlacement] = {}
@@ -115,15 +139,16 @@ class WorkloadFinder:
         every_gpu: list[DevicePlacement] = [(gpu, None) for gpu in sorted(device_ids)]
         if not os.path.exists(self.socket_path):
             log.info("no PodResources socket at %s: every GPU pod on the node counts", self.socket_path)
-            return {ref: every_gpu for ref, pod in live.items() if requests_gpu(pod)}, "pod-spec"
+            users = {ref: every_gpu for ref, pod in live.items() if requests_gpu(pod, self.patterns)}
+            return users, "pod-spec"
         out: dict[PodRef, list[DevicePlacement]] = {}
-        for entry in list_pod_devices(self.socket_path, self.timeout):
+        for entry in list_pod_devices(self.socket_path, self.timeout, self.patterns):
             if entry.pod not in live:
                 continue  # already gone, or not bound here any more
             spots: list[DevicePlacement] = []
             for assigned in entry.devices.values():
                 for device in assigned:
-                    found = where_is.get(device)
+                    found = where_is.get(device_key(device))
                     spots.extend([found] if found is not None else every_gpu)
             out[entry.pod] = spots
         return out, "podresources"

@@ -142,11 +142,20 @@ def test_processes_and_device_ids_map_to_gi_starts() -> None:
     assert access.processes(0) == {4: [101], 2: [102]}
     assert access.processes(1) == {None: [103]}
     ids = access.device_ids(0)
-    assert sorted(v for v in ids.values() if v is not None) == [0, 2, 3, 4]
-    assert [k for k, v in ids.items() if v is None] == [
-        nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(0))
-    ]
-    assert list(access.device_ids(1).values()) == [None]
+    gpu_uuid = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(0))
+    assert sorted(k for k, v in ids.items() if v is None) == sorted([gpu_uuid, "0"])
+    # Each MIG device under the three names device plugins use: its UUID, the pre-R470 form and
+    # the index form; all three place it on the same GPU instance.
+    uuids = {k: v for k, v in ids.items() if k.startswith("MIG-") and "/" not in k}
+    old_form = {k: v for k, v in ids.items() if k.startswith(f"MIG-{gpu_uuid}/")}
+    by_index = {k: v for k, v in ids.items() if k.startswith("0:")}
+    assert len(ids) == 2 + len(uuids) + len(old_form) + len(by_index)
+    for names in (uuids, old_form, by_index):
+        assert sorted(names.values()) == [0, 2, 3, 4]  # type: ignore[type-var]
+    assert access.device_ids(1) == {
+        nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(1)): None,
+        "1": None,
+    }
 
 
 def test_errors_name_the_gpu_the_step_and_the_nvml_error() -> None:

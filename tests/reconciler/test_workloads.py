@@ -11,7 +11,7 @@ from kubernetes import client as k8s
 
 from devcluster.helpers import create_gpu_node, ensure_namespace
 from reconciler.podresources.server import PodResourcesServer
-from reconciler.workloads import PodRef, WorkloadFinder, list_pod_devices
+from reconciler.workloads import DEFAULT_GPU_RESOURCES, PodRef, WorkloadFinder, list_pod_devices
 
 GPU0 = "GPU-00000000-0000-0000-0000-000000000000"
 GPU1 = "GPU-11111111-1111-1111-1111-111111111111"
@@ -85,3 +85,51 @@ def test_without_the_socket_every_gpu_pod_on_the_node_counts(k8s_api: Any, tmp_p
     assert source == "pod-spec"
     assert sorted(placements) == [PodRef(ns, "mig-a"), PodRef(ns, "mig-b"), PodRef(ns, "whole")]
     assert all(spots == [(0, None), (1, None)] for spots in placements.values())
+
+
+def test_shared_renamed_and_older_device_ids_are_placed(k8s_api: Any, tmp_path: Path) -> None:
+    node, ns = _setup(k8s_api)
+    socket = str(tmp_path / "kubelet.sock")
+    # What GpuAccess.device_ids gives: every id form of each device (UUID, MIG-GPU-<uuid>/GI/CI, index).
+    ids = {
+        0: {GPU0: None, "0": None},
+        1: {GPU1: None, "1": None, MIG_1_AT_4: 4, f"MIG-{GPU1}/2/0": 4, "1:1": 4},
+    }
+    server = PodResourcesServer(
+        socket,
+        {
+            (ns, "whole"): [("nvidia.com/gpu.shared", [f"{GPU0}::2"])],  # time-slicing, renamed
+            (ns, "mig-a"): [("nvidia.com/mig-1g.5gb", [f"MIG-{GPU1}/2/0"])],  # drivers before R470
+            # deviceIDStrategy=index with MPS replicas; "0" of another plugin is no GPU.
+            (ns, "mig-b"): [("nvidia.com/mig-1g.5gb.shared", ["1:1::0"]), ("example.com/nic", ["0"])],
+            (ns, "cpu-only"): [("acme.io/renamed-gpu", [f"{MIG_1_AT_4}::1"])],  # any name, a GPU id
+        },
+    ).start()
+    try:
+        placements, _ = WorkloadFinder(k8s_api, node, socket).placements(ids)
+    finally:
+        server.stop()
+    assert placements == {
+        PodRef(ns, "whole"): [(0, None)],
+        PodRef(ns, "mig-a"): [(1, 4)],
+        PodRef(ns, "mig-b"): [(1, 4)],
+        PodRef(ns, "cpu-only"): [(1, 4)],
+    }
+
+
+def test_without_the_socket_shared_and_configured_resource_names_count(k8s_api: Any, tmp_path: Path) -> None:
+    node, ns = _setup(k8s_api)
+    core = k8s.CoreV1Api(k8s_api)
+    _pod(core, ns, "shared", node, {"nvidia.com/gpu.shared": "1"})
+    _pod(core, ns, "renamed", node, {"example.com/timesliced-a100": "1"})
+    finder = WorkloadFinder(
+        k8s_api,
+        node,
+        str(tmp_path / "missing.sock"),
+        patterns=(*DEFAULT_GPU_RESOURCES, "example.com/timesliced-*"),
+    )
+    placements, _ = finder.placements(DEVICE_IDS)
+    assert PodRef(ns, "shared") in placements and PodRef(ns, "renamed") in placements
+    assert PodRef(ns, "cpu-only") not in placements
+    default, _ = WorkloadFinder(k8s_api, node, str(tmp_path / "missing.sock")).placements(DEVICE_IDS)
+    assert PodRef(ns, "shared") in default and PodRef(ns, "renamed") not in default
