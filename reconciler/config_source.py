@@ -19,6 +19,7 @@ from kubernetes import watch
 from kubernetes.client import ApiException
 
 from migcore.config import ConfigError, MigPartedConfig, parse_config
+from reconciler.api_retry import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class ConfigMapConfigSource:
         try:
             cm = self.core.read_namespaced_config_map(self.name, self.namespace)
         except ApiException as exc:
+            if is_transient(exc):
+                raise  # the API server, not the config: the loop retries with backoff
             raise ConfigError([f"cannot read {self.describe()}: {exc.status} {exc.reason}"]) from exc
         text = (cm.data or {}).get(self.key)
         if text is None:

@@ -1,9 +1,10 @@
 """What the reconciler writes on its own Node: the state label, the reason annotation, the
 `MIGConfigReady` condition, Events, and the hold (taint and/or cordon) around a change.
 
-Every write is a patch that leaves other writers' keys alone: labels and annotations go through
-merge patches; taints and `spec.unschedulable` are read-modify-write guarded by the
-resourceVersion, retried on conflict, because a list patch would clobber other taints.
+Every write is a patch that leaves other writers' keys alone, read-modify-write guarded by the
+resourceVersion and retried on conflict (409), because a list patch would clobber other taints.
+One `NodeEdit` carries everything a step changes (state, reason, progress record, operand
+labels, hold) in one write: a change writes the Node a handful of times, not once per step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
@@ -21,6 +23,7 @@ from kubernetes.client import ApiException
 
 from migcore import keys
 from migcore.hold import HoldRecord
+from reconciler.api_retry import API_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ CONFLICT_RETRIES = 10
 FIELD_MANAGER = "mig-guard-reconciler"
 
 T = TypeVar("T")
+_UNREAD: Any = object()
 ConditionStatus = Literal["True", "False", "Unknown"]
 HoldMode = Literal["taint", "cordon"]
 
@@ -69,11 +73,7 @@ class NodeState:
 
     def condition(self) -> Any | None:
         """The current `MIGConfigReady` condition object, or None."""
-        node = self.read()
-        for cond in (node.status.conditions if node.status else None) or []:
-            if cond.type == keys.CONDITION_READY:
-                return cond
-        return None
+        return _condition(self.read())
 
     # -- label / annotation writes -------------------------------------------------------------------
     def patch_metadata(
@@ -95,7 +95,31 @@ class NodeState:
     def annotate(self, key: str, value: str | None) -> None:
         self.patch_metadata(annotations={key: value})
 
-    # -- state, condition, events ---------------------------------------------------------------------
+    # -- one write: state, reason, labels, annotations and the hold together -----------------------
+    def apply(self, edit: NodeEdit | Callable[[Any], NodeEdit]) -> NodeEdit:
+        """Make `edit` (or what `edit(node)` returns for the node as read) in ONE write of the Node,
+        guarded by its resourceVersion and retried on conflict; keys that already have their value
+        are left out, and nothing is written when nothing changes. With a state, then the
+        `MIGConfigReady` condition (only when it changes) and an Event. Returns the edit made."""
+
+        def change(node: Any) -> tuple[dict[str, Any] | None, tuple[NodeEdit, Any]]:
+            made = edit(node) if callable(edit) else edit
+            return _body(node, made), (made, node)
+
+        made, node = self._read_modify_write(change)
+        if made.state is not None:
+            reason = made.reason or ""
+            status, default_reason = CONDITION_BY_STATE[made.state]
+            if made.condition:
+                self.set_condition(status, made.condition_reason or default_reason, reason, _condition(node))
+            self.event(
+                made.event_type or ("Warning" if made.state == keys.STATE_FAILED else "Normal"),
+                made.event_reason or (made.condition_reason or default_reason),
+                reason,
+            )
+            log.info("state %s: %s", made.state, reason)
+        return made
+
     def report(
         self,
         state: str,
@@ -106,24 +130,31 @@ class NodeState:
         condition_reason: str | None = None,
     ) -> None:
         """Set the state label, the reason annotation and the condition, and emit an Event."""
-        if state not in keys.STATES:
-            raise ValueError(f"unknown state {state!r}")
-        self.patch_metadata(
-            labels={keys.LABEL_MIG_STATE: state}, annotations={keys.ANNOTATION_REASON: reason}
+        self.apply(
+            NodeEdit(
+                state=state,
+                reason=reason,
+                event_reason=event_reason,
+                event_type=event_type,
+                condition_reason=condition_reason,
+            )
         )
-        status, default_reason = CONDITION_BY_STATE[state]
-        self.set_condition(status, condition_reason or default_reason, reason)
-        self.event(
-            event_type or ("Warning" if state == keys.STATE_FAILED else "Normal"),
-            event_reason or (condition_reason or default_reason),
-            reason,
-        )
-        log.info("state %s: %s", state, reason)
 
-    def set_condition(self, status: ConditionStatus, reason: str, message: str) -> None:
-        """Patch `MIGConfigReady` on the status subresource (merged by type: other conditions stay)."""
+    def set_condition(
+        self, status: ConditionStatus, reason: str, message: str, current: Any | None = _UNREAD
+    ) -> None:
+        """Patch `MIGConfigReady` on the status subresource (merged by type: other conditions stay);
+        nothing is written when it already says exactly that."""
+        if current is _UNREAD:
+            current = self.condition()
+        message = message[:32768]
+        if current is not None and (current.status, current.reason, current.message) == (
+            status,
+            reason,
+            message,
+        ):
+            return
         now = now_rfc3339()
-        current = self.condition()
         transition = now
         if current is not None and current.status == status and current.last_transition_time is not None:
             last = current.last_transition_time
@@ -135,14 +166,21 @@ class NodeState:
                         "type": keys.CONDITION_READY,
                         "status": status,
                         "reason": reason,
-                        "message": message[:32768],
+                        "message": message,
                         "lastHeartbeatTime": now,
                         "lastTransitionTime": transition,
                     }
                 ]
             }
         }
-        self.core.patch_node_status(self.node_name, body, field_manager=FIELD_MANAGER)
+        for attempt in range(CONFLICT_RETRIES):  # a merge by condition type: safe to send again
+            try:
+                self.core.patch_node_status(self.node_name, body, field_manager=FIELD_MANAGER)
+                return
+            except ApiException as exc:
+                if exc.status != 409 or attempt == CONFLICT_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def event(self, event_type: str, reason: str, note: str, action: str = "Reconcile") -> None:
         """An events.k8s.io/v1 Event about the Node (shown by `kubectl describe node`); best effort."""
@@ -163,66 +201,22 @@ class NodeState:
         }
         try:
             self.events.create_namespaced_event("default", body)
-        except ApiException as exc:  # an Event is informative; never fail a reconcile for it
-            log.warning("could not record event %s: %s %s", reason, exc.reason, exc.body)
+        except API_ERRORS as exc:  # informative only: never fail a reconcile for it
+            log.warning("could not record event %s: %s", reason, exc)
 
     # -- hold ------------------------------------------------------------------------------------------
     def hold(self, mode: HoldMode, config: str) -> HoldRecord:
         """Keep new pods off the node unless a hold is already recorded (the webhook's, or ours)."""
-
-        def change(node: Any) -> tuple[dict[str, Any] | None, HoldRecord]:
-            annotations = node.metadata.annotations or {}
-            existing = HoldRecord.recorded(annotations.get(keys.ANNOTATION_HOLD))
-            if existing is not None:
-                return None, existing
-            taints = _taints(node)
-            spec: dict[str, Any] = {}
-            taint = False
-            cordon = False
-            if mode == "taint":
-                taint = True
-                if not any(t["key"] == keys.TAINT_KEY for t in taints):
-                    spec["taints"] = [
-                        *taints,
-                        {"key": keys.TAINT_KEY, "value": config, "effect": keys.TAINT_EFFECT},
-                    ]
-            elif not (node.spec and node.spec.unschedulable):
-                cordon = True
-                spec["unschedulable"] = True
-            record = HoldRecord(taint=taint, cordon=cordon, config=config, by="reconciler", at=now_rfc3339())
-            body: dict[str, Any] = {
-                "metadata": {"annotations": {keys.ANNOTATION_HOLD: record.to_annotation()}}
-            }
-            if spec:
-                body["spec"] = spec
-            return body, record
-
-        return self._read_modify_write(change)
+        self.apply(NodeEdit(take_hold=(mode, config)))
+        record = HoldRecord.recorded(self.annotations().get(keys.ANNOTATION_HOLD))
+        assert record is not None
+        return record
 
     def lift_hold(self) -> HoldRecord | None:
         """Undo exactly what the hold record says (never uncordon a node an admin cordoned)."""
-
-        def change(node: Any) -> tuple[dict[str, Any] | None, HoldRecord | None]:
-            annotations = node.metadata.annotations or {}
-            record = HoldRecord.recorded(annotations.get(keys.ANNOTATION_HOLD))
-            taints = _taints(node)
-            ours = [t for t in taints if t["key"] == keys.TAINT_KEY]
-            if record is None and not ours:
-                return None, None
-            body: dict[str, Any] = {}
-            spec: dict[str, Any] = {}
-            # The taint key is mig-guard's own: nobody else sets it, so it always goes.
-            if ours:
-                spec["taints"] = [t for t in taints if t["key"] != keys.TAINT_KEY] or None
-            if record is not None and record.cordon and node.spec and node.spec.unschedulable:
-                spec["unschedulable"] = None
-            if spec:
-                body["spec"] = spec
-            if record is not None:
-                body["metadata"] = {"annotations": {keys.ANNOTATION_HOLD: None}}
-            return body, record
-
-        return self._read_modify_write(change)
+        record = HoldRecord.recorded(self.annotations().get(keys.ANNOTATION_HOLD))
+        self.apply(NodeEdit(lift_hold=True))
+        return record
 
     def _read_modify_write(self, change: Callable[[Any], tuple[dict[str, Any] | None, T]]) -> T:
         """Apply `change(node)`'s merge patch guarded by the node's resourceVersion; retry conflicts."""
@@ -243,6 +237,95 @@ class NodeState:
                 log.debug("conflict updating node %s (attempt %d); retrying", self.node_name, attempt + 1)
                 time.sleep(0.05 * (attempt + 1))
         raise RuntimeError(f"node {self.node_name}: still conflicting after {CONFLICT_RETRIES} attempts")
+
+
+@dataclass
+class NodeEdit:
+    """What one write of the Node changes: the state label and reason annotation, other labels and
+    annotations (None deletes), the hold taken or lifted, operand labels restored. A change makes
+    a handful of these (not one per step), because every Node write also costs the webhook calls
+    and an update to every watcher of the Node."""
+
+    state: str | None = None
+    reason: str | None = None
+    labels: Mapping[str, str | None] = field(default_factory=dict)
+    annotations: Mapping[str, str | None] = field(default_factory=dict)
+    take_hold: tuple[HoldMode, str] | None = None
+    lift_hold: bool = False
+    # Operand labels back to these values, each only while it still says paused-for-mig-change
+    # (a label someone changed meanwhile is theirs now).
+    restore: Mapping[str, str] = field(default_factory=dict)
+    condition: bool = True  # with a state: update MIGConfigReady too (its message is the reason)
+    condition_reason: str | None = None
+    event_reason: str | None = None
+    event_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state is not None and self.state not in keys.STATES:
+            raise ValueError(f"unknown state {self.state!r}")
+        if self.take_hold is not None and self.lift_hold:
+            raise ValueError("a hold cannot be taken and lifted in one write")
+
+
+def _condition(node: Any) -> Any | None:
+    for cond in (node.status.conditions if node.status else None) or []:
+        if cond.type == keys.CONDITION_READY:
+            return cond
+    return None
+
+
+def _body(node: Any, edit: NodeEdit) -> dict[str, Any] | None:
+    """The guarded merge patch that makes `edit` on `node` (None: nothing to change)."""
+    labels_now = dict(node.metadata.labels or {})
+    annotations_now = dict(node.metadata.annotations or {})
+    labels = dict(edit.labels)
+    annotations = dict(edit.annotations)
+    if edit.state is not None:
+        labels[keys.LABEL_MIG_STATE] = edit.state
+    if edit.reason is not None:
+        annotations[keys.ANNOTATION_REASON] = edit.reason
+    for key, value in edit.restore.items():
+        if labels_now.get(key) == keys.PAUSED_FOR_MIG_CHANGE:
+            labels[key] = value
+    spec: dict[str, Any] = {}
+    taints = _taints(node)
+    recorded = HoldRecord.recorded(annotations_now.get(keys.ANNOTATION_HOLD))
+    if edit.take_hold is not None and recorded is None:
+        mode, config = edit.take_hold
+        taint = cordon = False
+        if mode == "taint":
+            taint = True
+            if not any(t["key"] == keys.TAINT_KEY for t in taints):
+                spec["taints"] = [
+                    *taints,
+                    {"key": keys.TAINT_KEY, "value": config, "effect": keys.TAINT_EFFECT},
+                ]
+        elif not (node.spec and node.spec.unschedulable):
+            cordon = True
+            spec["unschedulable"] = True
+        record = HoldRecord(taint=taint, cordon=cordon, config=config, by="reconciler", at=now_rfc3339())
+        annotations[keys.ANNOTATION_HOLD] = record.to_annotation()
+    if edit.lift_hold:
+        # The taint key is mig-guard's own: nobody else sets it, so it always goes.
+        if any(t["key"] == keys.TAINT_KEY for t in taints):
+            spec["taints"] = [t for t in taints if t["key"] != keys.TAINT_KEY] or None
+        if recorded is not None and recorded.cordon and node.spec and node.spec.unschedulable:
+            spec["unschedulable"] = None
+        if recorded is not None:
+            annotations[keys.ANNOTATION_HOLD] = None
+    labels = {k: v for k, v in labels.items() if labels_now.get(k) != v}
+    annotations = {k: v for k, v in annotations.items() if annotations_now.get(k) != v}
+    meta: dict[str, Any] = {}
+    if labels:
+        meta["labels"] = labels
+    if annotations:
+        meta["annotations"] = annotations
+    if not meta and not spec:
+        return None
+    body: dict[str, Any] = {"metadata": meta}
+    if spec:
+        body["spec"] = spec
+    return body
 
 
 def _taints(node: Any) -> list[dict[str, Any]]:

@@ -70,6 +70,10 @@ class Progress:
 
 
 class ProgressStore(Protocol):
+    # True when the record is the Node annotation: the reconciler then writes it together with
+    # the rest of a step (one Node write) instead of through save/clear.
+    on_node: bool
+
     def load(self) -> Progress | None: ...
     def save(self, progress: Progress) -> None: ...
     def clear(self) -> None: ...
@@ -88,6 +92,8 @@ def _parse(text: str | None) -> Progress | None:
 class NodeProgressStore:
     """The record in the Node annotation `mig-guard.io/progress`."""
 
+    on_node = True
+
     def __init__(self, node: NodeState) -> None:
         self.node = node
 
@@ -103,6 +109,8 @@ class NodeProgressStore:
 
 class FileProgressStore:
     """The record in `<dir>/progress.json`, written atomically (temp file, fsync, rename)."""
+
+    on_node = False
 
     def __init__(self, directory: str | Path) -> None:
         self.path = Path(directory) / STATE_FILE

@@ -16,13 +16,14 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from reconciler.api_retry import RetryPolicy, retrying
 from reconciler.config_source import DEFAULT_KEY, ConfigMapConfigSource, ConfigSource, FileConfigSource
 from reconciler.gpu_backend import make_gpu_access
 from reconciler.loop import Reconciler, Settings
 from reconciler.metrics import Metrics, serve
 from reconciler.node_state import NodeState
 from reconciler.progress import FileProgressStore, NodeProgressStore, ProgressStore
-from reconciler.workloads import DEFAULT_SOCKET
+from reconciler.workloads import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET
 
 
 def register(sub: Any) -> None:
@@ -80,6 +81,21 @@ def register(sub: Any) -> None:
         "--reboot-enabled", action="store_true", help="reboot the host once when a MIG mode change needs it"
     )
     parser.add_argument(
+        "--gpu-resource",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="an extended resource that means a GPU (shell pattern, repeatable), besides "
+        + ", ".join(DEFAULT_GPU_RESOURCES),
+    )
+    parser.add_argument(
+        "--api-retry-seconds",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="retry a Kubernetes API request that failed transiently (5xx, 429, timeout) for up to S seconds",
+    )
+    parser.add_argument(
         "--host-state-dir", metavar="DIR", help="persist progress there instead of in a Node annotation"
     )
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -120,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mig-guard reconcile: {exc}", file=sys.stderr)
         return 2
-    api = _api_client(args.kubeconfig)
+    # One client for everything, retrying transient API errors (reconciler.api_retry).
+    api = retrying(_api_client(args.kubeconfig), RetryPolicy(budget=args.api_retry_seconds))
     source: ConfigSource
     if args.configmap:
         namespace, sep, name = args.configmap.partition("/")
@@ -140,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         reboot_enabled=args.reboot_enabled,
         busy_gpu_timeout=args.busy_gpu_timeout,
         podresources_socket=args.podresources_socket,
+        gpu_resources=tuple(args.gpu_resource),
+        api_retry_seconds=args.api_retry_seconds,
     )
     metrics = Metrics()
     store: ProgressStore = (

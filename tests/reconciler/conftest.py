@@ -22,6 +22,7 @@ from kubernetes import client as k8s
 from kubernetes import watch
 from kubernetes.client import ApiException
 
+from devcluster.faultproxy import FaultProxy
 from devcluster.helpers import create_gpu_node, ensure_namespace, service_account_client
 from devcluster.kubeconfig import kubeconfig_dict, write_kubeconfig
 from devcluster.processes import wait_until
@@ -413,3 +414,17 @@ def gpu_node(workload_plane: Any, tmp_path: Path) -> Generator[Callable[..., Gpu
                 proc.kill()
                 proc.wait(timeout=30)
         node.podresources.stop()
+
+
+@pytest.fixture(scope="session")
+def fault_proxy(control_plane: Any) -> Generator[FaultProxy]:
+    """One fault-injecting proxy in front of the session's API server (faults cleared per test)."""
+    with FaultProxy(control_plane) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def faults(fault_proxy: FaultProxy) -> Generator[FaultProxy]:
+    fault_proxy.clear()
+    yield fault_proxy
+    fault_proxy.clear()

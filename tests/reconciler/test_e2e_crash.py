@@ -1,5 +1,5 @@
 """End to end: the real `mig-guard reconcile` SIGKILLed at distinct steps of a change (held by a
-blocker or slowed by simulated NVML latency so the kill lands there) converges after a restart:
+blocker or slowed by simulated NVML latency so the kill lands there, seen in the GPUs' state) converges after a restart:
 the layout asked for, operand labels back to their exact earlier values, hold lifted, no progress
 record left. A label change in the middle of an apply ends with the latest value applied."""
 
@@ -23,22 +23,22 @@ def _kill_at(
     node: Any,
     proc: Any,
     phase: str,
-    min_step: int = 0,
     host_state: bool = False,
     also: Callable[[], bool] = lambda: True,
 ) -> None:
-    """SIGKILL the agent once its persisted progress says `phase` with at least `min_step` NVML ops."""
+    """SIGKILL the agent once its persisted progress says `phase` and `also()` holds (e.g. the
+    GPUs are half-way: progress is not written per NVML operation, the GPUs are read instead)."""
 
     def reached() -> bool:
         if host_state:
             record = FileProgressStore(node.workdir / "host-state").load()
-            now, step = (record.phase, record.step) if record else (None, 0)
+            now = record.phase if record else None
         else:
-            now, step = node.progress_phase()
-        return now == phase and step >= min_step and also()
+            now = node.progress_phase()[0]
+        return now == phase and also()
 
     try:
-        wait_until(reached, 60, interval=0.05, what=f"phase {phase} step >= {min_step}")
+        wait_until(reached, 60, interval=0.05, what=f"phase {phase}")
     except TimeoutError as exc:
         raise AssertionError(f"{exc}; now {node.state()}\n{node.agent_logs()}") from exc
     node.kill_agent(proc)
@@ -108,7 +108,14 @@ def test_killed_in_the_middle_of_the_nvml_operations(gpu_node: GpuNodeFactory, s
     agent = node.start_agent(*extra, latency=slow)
     node.wait_outcome("success", "all-3g applied")
     node.label("gpu1-7g")
-    _kill_at(node, agent, "applying", min_step=3, host_state=store == "host-file")  # 2 CIs + a GI gone
+    # GPU 1 half-way: a GPU instance already gone, the 7g not there yet.
+    _kill_at(
+        node,
+        agent,
+        "applying",
+        host_state=store == "host-file",
+        also=lambda: len(node.geometries()[1].instances) == 1,
+    )
     assert node.held()
     node.start_agent(*extra)
     _converged(node, "gpu1-7g")
@@ -120,7 +127,8 @@ def test_killed_during_a_mode_change(gpu_node: GpuNodeFactory) -> None:
     agent = node.start_agent(latency="nvmlDeviceSetMigMode=1.0")
     node.wait_outcome("success", "all-3g applied")
     node.label("all-disabled")
-    _kill_at(node, agent, "applying", min_step=4)  # GPU 0 emptied, its mode being switched
+    # GPU 0 emptied, its mode being switched.
+    _kill_at(node, agent, "applying", also=lambda: node.geometries()[0].instances == ())
     node.start_agent()
     _converged(node, "all-disabled")
     access = node.access()
