@@ -236,6 +236,8 @@ def _handler(
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms ACK waits
+        _conn: http.client.HTTPSConnection | None = None
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -265,8 +267,14 @@ def _handler(
                 return
             self._forward(request, fault)
 
+        def _upstream(self) -> http.client.HTTPSConnection:
+            """One upstream connection per client connection (kept alive like the client's)."""
+            if self._conn is None:
+                self._conn = http.client.HTTPSConnection(host, port, context=upstream, timeout=120)
+            return self._conn
+
         def _forward(self, request: Request, fault: Fault | None) -> None:
-            conn = http.client.HTTPSConnection(host, port, context=upstream, timeout=120)
+            conn = self._upstream()
             try:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 conn.request(self.command, self.path, body=request.body or None, headers=headers)
@@ -293,8 +301,13 @@ def _handler(
                 self.wfile.write(b"0\r\n\r\n")
             except (OSError, http.client.HTTPException):
                 self.close_connection = True
-            finally:
                 conn.close()
+                self._conn = None
+
+        def finish(self) -> None:
+            if self._conn is not None:
+                self._conn.close()
+            super().finish()
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 

@@ -33,6 +33,7 @@ import fcntl
 import functools
 import json
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +59,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _FALLBACK_SMI_IDS = {0: 19, 7: 20, 9: 15, 1: 14, 2: 9, 3: 5, 4: 0}
 _NOT_A_MIG_ID = 0xFFFFFFFF
 STATE_VERSION = 1
+KILL = "SIGKILL"  # a fault that kills the process at that call (crash tests)
 
 
 class SimulationSpecError(ValueError):
@@ -164,7 +166,8 @@ def parse_gpu_spec_files(spec: str) -> list[GpuModel]:
 
 
 def parse_faults_spec(spec: str | None) -> dict[str, dict[int, str]]:
-    """`fn@N=Error[;fn@N=Error]` -> {fn: {N: Error}} (N counts calls of fn from 1)."""
+    """`fn@N=Error[;fn@N=Error]` -> {fn: {N: Error}} (N counts calls of fn from 1). The error
+    `SIGKILL` kills the calling process there instead (a crash at exactly that step)."""
     faults: dict[str, dict[int, str]] = {}
     for part in filter(None, (p.strip() for p in (spec or "").split(";"))):
         target, sep, error = part.partition("=")
@@ -173,7 +176,8 @@ def parse_faults_spec(spec: str | None) -> dict[str, dict[int, str]]:
             raise SimulationSpecError(
                 f'"{part}": expected FUNCTION@N=ERROR like "nvmlGpuInstanceDestroy@1=InUse"'
             )
-        _error(error.strip())  # validate the name now, not at the Nth call
+        if error.strip() != KILL:
+            _error(error.strip())  # validate the name now, not at the Nth call
         faults.setdefault(function.strip(), {})[int(nth)] = error.strip()
     return faults
 
@@ -319,6 +323,8 @@ def nvml_call(mutates: bool = False) -> Callable[[F], F]:
                     time.sleep(delay)
                 self.simulated_seconds += delay
                 fault = self._faults.get(name, {}).get(count)
+                if fault == KILL:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if fault is not None:
                     raise _error(fault)
                 with self._shared_state(save=mutates):

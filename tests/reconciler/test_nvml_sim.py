@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +232,25 @@ def test_fault_injection_hits_the_nth_call_only_with_the_real_exception() -> Non
         nvml.nvmlDeviceGetCount()
     assert nvml.nvmlDeviceGetCount() == 1
     assert nvml.call_count("nvmlDeviceGetHandleByIndex") == 3
+
+
+def test_a_sigkill_fault_kills_the_process_at_that_call(tmp_path: Path) -> None:
+    state = tmp_path / "gpus.json"
+    nvml = SimulatedNvml(["NVIDIA-A100-SXM4-40GB"], state_file=state, faults="nvmlDeviceSetMigMode@2=SIGKILL")
+    nvml.nvmlInit()
+    pid = os.fork()
+    if pid == 0:  # the child: the first call passes, the second kills it before it takes effect
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(0)
+            nvml.nvmlDeviceSetMigMode(handle, 1)
+            nvml.nvmlDeviceSetMigMode(handle, 0)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    after = SimulatedNvml(state_file=state)
+    after.nvmlInit()
+    assert after.nvmlDeviceGetMigMode(after.nvmlDeviceGetHandleByIndex(0)) == [0, 1]  # the first call only
 
 
 def test_latency_is_charged_per_call() -> None:
