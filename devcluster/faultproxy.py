@@ -68,8 +68,9 @@ class Fault:
     `status`: answer with this status and a Kubernetes Status body instead of forwarding.
     `hang`: hold the request that long, then drop the connection without an answer.
     `drop`: close the connection at once, without an answer.
-    `before` / `after`: callbacks run before forwarding / after the API server answered but before
-    the client gets the answer (e.g. SIGKILL the client: its write took effect, it never knew).
+    `before` / `after`: callbacks run before forwarding / after the API server answered (with its
+    status) but before the client gets the answer (e.g. SIGKILL the client: its write took effect,
+    it never knew).
     """
 
     match: Callable[[Request], bool]
@@ -78,7 +79,7 @@ class Fault:
     hang: float | None = None
     drop: bool = False
     before: Callable[[Request], None] | None = None
-    after: Callable[[Request], None] | None = None
+    after: Callable[[Request, int], None] | None = None
     times: int | None = 1
     skip: int = 0  # let this many matching requests through first
     hits: int = 0
@@ -192,11 +193,16 @@ class FaultProxy:
         with self._lock:
             self.faults.clear()
 
-    def count(self, match: Callable[[Request], bool]) -> int:
-        """How many requests the proxy saw that `match` (on method and path)."""
+    def count(self, match: Callable[[Request], bool], *, succeeded: bool = False) -> int:
+        """How many requests the proxy saw that `match` (on method and path); with `succeeded`,
+        only those the API server answered with a 2xx (not a conflict retried, not a fault)."""
         with self._lock:
             seen = list(self.seen)
-        return sum(1 for s in seen if match(Request(s.method, s.path, {}, b"")))
+        return sum(
+            1
+            for s in seen
+            if match(Request(s.method, s.path, {}, b"")) and (not succeeded or 200 <= s.status < 300)
+        )
 
     def _fault_for(self, request: Request) -> Fault | None:
         with self._lock:
@@ -282,7 +288,7 @@ def _handler(
                 streamed = response.getheader("Content-Length") is None
                 payload = b"" if streamed else response.read()
                 if fault is not None and fault.after is not None:
-                    fault.after(request)
+                    fault.after(request, response.status)
                 proxy._record(request, response.status, fault is not None)
                 self.send_response(response.status)
                 for key, value in response.getheaders():

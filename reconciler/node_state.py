@@ -97,14 +97,17 @@ class NodeState:
 
     # -- one write: state, reason, labels, annotations and the hold together -----------------------
     def apply(self, edit: NodeEdit | Callable[[Any], NodeEdit]) -> NodeEdit:
-        """Make `edit` (or what `edit(node)` returns for the node as read) in ONE write of the Node,
-        guarded by its resourceVersion and retried on conflict; keys that already have their value
-        are left out, and nothing is written when nothing changes. With a state, then the
-        `MIGConfigReady` condition (only when it changes) and an Event. Returns the edit made."""
+        """Make `edit` (or what `edit(node)` returns for the node as read) in ONE write of the Node;
+        keys that already have their value are left out, and nothing is written when nothing
+        changes. A write that depends on what was read (taints, restored labels, an edit computed
+        from the node) is guarded by the resourceVersion and retried on conflict. With a state,
+        then the `MIGConfigReady` condition (only when it changes) and an Event. Returns the edit."""
 
-        def change(node: Any) -> tuple[dict[str, Any] | None, tuple[NodeEdit, Any]]:
+        def change(node: Any) -> tuple[dict[str, Any] | None, bool, tuple[NodeEdit, Any]]:
             made = edit(node) if callable(edit) else edit
-            return _body(node, made), (made, node)
+            body = _body(node, made)
+            guard = body is not None and (callable(edit) or "spec" in body or bool(made.restore))
+            return body, guard, (made, node)
 
         made, node = self._read_modify_write(change)
         if made.state is not None:
@@ -218,14 +221,16 @@ class NodeState:
         self.apply(NodeEdit(lift_hold=True))
         return record
 
-    def _read_modify_write(self, change: Callable[[Any], tuple[dict[str, Any] | None, T]]) -> T:
-        """Apply `change(node)`'s merge patch guarded by the node's resourceVersion; retry conflicts."""
+    def _read_modify_write(self, change: Callable[[Any], tuple[dict[str, Any] | None, bool, T]]) -> T:
+        """Apply `change(node)`'s merge patch, guarded by the node's resourceVersion when it says so
+        (a merge patch of plain keys needs no guard: it is the same whatever else changed)."""
         for attempt in range(CONFLICT_RETRIES):
             node = self.read()
-            body, result = change(node)
+            body, guard, result = change(node)
             if body is None:
                 return result
-            body.setdefault("metadata", {})["resourceVersion"] = node.metadata.resource_version
+            if guard:
+                body.setdefault("metadata", {})["resourceVersion"] = node.metadata.resource_version
             try:
                 self.core.patch_node(
                     self.node_name, body, _content_type=MERGE_PATCH, field_manager=FIELD_MANAGER

@@ -34,7 +34,7 @@ CONFLICT = (
 
 
 def _writes(proxy: FaultProxy, node: SimNode) -> int:
-    return proxy.count(node_write(node.name))
+    return proxy.count(node_write(node.name), succeeded=True)
 
 
 # --- never exit ------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def test_the_agent_survives_an_api_outage_at_start_and_reports_once_it_can(
 # --- transient errors inside a change ----------------------------------------------------------------
 
 
-def _lost_answer(request: Any) -> None:
+def _lost_answer(request: Any, status: int) -> None:
     time.sleep(2.0)  # the write took effect; the client gives up waiting for the answer
 
 

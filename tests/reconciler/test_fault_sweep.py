@@ -182,11 +182,15 @@ def _forked(run: Callable[[], None], kill_after: tuple[FaultProxy, str, int] | N
     child: list[int] = []
     if kill_after is not None:
         proxy, name, k = kill_after
+        taken = [0]
 
-        def kill(_request: Request) -> None:
-            os.kill(child[0], signal.SIGKILL)
+        def kill(_request: Request, status: int) -> None:
+            if 200 <= status < 300:  # a write retried after a conflict is one write
+                taken[0] += 1
+                if taken[0] == k + 1:
+                    os.kill(child[0], signal.SIGKILL)
 
-        proxy.add(Fault(node_write(name), after=kill, skip=k))
+        proxy.add(Fault(node_write(name), after=kill, times=None))
     pid = os.fork()
     if pid == 0:  # the agent: never returns into pytest
         code = 0
@@ -283,7 +287,7 @@ class Sweep:
     def dry_run(self, name: str) -> DryRun:
         if name not in self.dry_runs:
             node, _ = self.node(name)
-            writes = self.proxy.count(node_write(node.name))
+            writes = self.proxy.count(node_write(node.name), succeeded=True)
             agents = _change(node, SCENARIOS[name], self.proxy.api_client(), {})
             steps: list[Step] = []
             for phase, rec in enumerate(agents):
@@ -295,7 +299,8 @@ class Sweep:
                 if phase + 1 < len(agents):  # this agent rebooted the host
                     steps.append(Step(phase, REBOOT, 1))
             assert node.state()[0] == keys.STATE_SUCCESS, node.state()
-            self.dry_runs[name] = DryRun(tuple(steps), self.proxy.count(node_write(node.name)) - writes)
+            written = self.proxy.count(node_write(node.name), succeeded=True) - writes
+            self.dry_runs[name] = DryRun(tuple(steps), written)
             _delete(node)
         return self.dry_runs[name]
 
