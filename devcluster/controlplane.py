@@ -37,6 +37,8 @@ from devcluster.processes import ManagedProcess, wait_until
 LOOPBACK = "127.0.0.1"
 KWOK_STAGES = Path(__file__).with_name("kwok-stages.yaml")
 SERVICE_CIDR = "10.96.0.0/16"
+#: The ClusterIP of the ``kubernetes`` Service (the first address of SERVICE_CIDR).
+KUBERNETES_SERVICE_IP = "10.96.0.1"
 FAKE_NODE_IP = "10.244.0.1"
 FAKE_POD_CIDR = "10.244.0.0/16"
 #: Controllers the base plane runs (so ServiceAccount admission works without workloads).
@@ -61,6 +63,11 @@ class ControlPlane:
     ``keep_dir``: keep the work directory after :meth:`stop` (always kept when ``workdir`` is given;
     etcd data is removed on stop unless ``keep_dir``). ``binaries``: name -> path overrides
     (default: :func:`devcluster.binaries.find_binary`).
+
+    ``address``: where kube-apiserver listens and what it advertises. Loopback (the default) for
+    tests with kwok nodes; a real node's bridge address (:mod:`devcluster.node`) so that pods reach
+    the API server through the ``kubernetes`` Service, which then gets endpoints. ``fake_nodes``:
+    start kwok with the workloads (not needed next to a real node).
     """
 
     def __init__(
@@ -72,6 +79,8 @@ class ControlPlane:
         binaries: Mapping[str, Path] | None = None,
         startup_timeout: float = 90.0,
         extra_apiserver_args: Sequence[str] = (),
+        address: str = LOOPBACK,
+        fake_nodes: bool = True,
     ) -> None:
         self._own_dir = workdir is None
         self.workdir = (
@@ -82,6 +91,8 @@ class ControlPlane:
         self._binaries = dict(binaries or {})
         self.startup_timeout = startup_timeout
         self.extra_apiserver_args = list(extra_apiserver_args)
+        self.address = address
+        self.fake_nodes = fake_nodes
         self.processes: dict[str, ManagedProcess] = {}
         self.pki: ClusterPKI | None = None
         self.etcd_port = 0
@@ -107,7 +118,7 @@ class ControlPlane:
 
     @property
     def server_url(self) -> str:
-        return f"https://{LOOPBACK}:{self.apiserver_port}"
+        return f"https://{self.address}:{self.apiserver_port}"
 
     @property
     def ca_pem(self) -> bytes:
@@ -146,12 +157,16 @@ class ControlPlane:
         # Resolve every binary first: a missing one fails here with the how-to-get-it message.
         names = ["etcd", "kube-apiserver", "kube-controller-manager"]
         if self.want_workloads:
-            names += ["kube-scheduler", "kwok"]
+            names += ["kube-scheduler", "kwok"] if self.fake_nodes else ["kube-scheduler"]
         for name in names:
             self.binary(name)
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self.pki = ClusterPKI.create()
+            self.pki = ClusterPKI.create(
+                (self.address, LOOPBACK, "localhost", KUBERNETES_SERVICE_IP)
+                if self.address != LOOPBACK
+                else (LOOPBACK, "localhost")
+            )
             self.pki.write(self.pki_dir)
             self.startup_seconds["pki"] = time.monotonic() - t0
             self._with_port_retry("etcd", self._start_etcd)
@@ -237,15 +252,15 @@ class ControlPlane:
         return ctx
 
     def _start_apiserver(self) -> None:
-        self.apiserver_port = free_port()
+        self.apiserver_port = free_port(self.address)
         p = self.pki_dir
         self._spawn(
             "kube-apiserver",
             [
                 str(self.binary("kube-apiserver")),
                 f"--etcd-servers=http://{LOOPBACK}:{self.etcd_port}",
-                f"--bind-address={LOOPBACK}",
-                f"--advertise-address={LOOPBACK}",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.apiserver_port}",
                 f"--cert-dir={p}",
                 f"--tls-cert-file={p / 'apiserver.crt'}",
@@ -257,9 +272,15 @@ class ControlPlane:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--authorization-mode=Node,RBAC",
                 "--allow-privileged=true",
-                # No `kubernetes` Service endpoints: the advertise address is loopback, nothing in
-                # the cluster could reach it anyway, and a loopback address is only allowed with `none`.
-                "--endpoint-reconciler-type=none",
+                # On loopback: no `kubernetes` Service endpoints (nothing in the cluster could reach
+                # them, and a loopback address is only allowed with `none`). Elsewhere: the usual lease.
+                f"--endpoint-reconciler-type={'none' if self.address == LOOPBACK else 'lease'}",
+                # How it reaches kubelets (logs, exec): its own client certificate, and it checks theirs.
+                f"--kubelet-client-certificate={p / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={p / 'apiserver-kubelet-client.key'}",
+                f"--kubelet-certificate-authority={p / 'ca.crt'}",
+                # Node names need not resolve: use the address the kubelet reports.
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 "--profiling=false",
                 "--v=1",
                 *self.extra_apiserver_args,
@@ -304,6 +325,8 @@ class ControlPlane:
             f"--cluster-signing-key-file={p / 'ca.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--use-service-account-credentials=false",
+            # Its default (/usr/libexec/kubernetes/...) is created on the host when missing.
+            f"--flex-volume-plugin-dir={self.workdir / 'flexvolume'}",
             "--node-monitor-grace-period=60s",
             "--kube-api-qps=100",
             "--kube-api-burst=200",
@@ -322,7 +345,7 @@ class ControlPlane:
         if self.workloads_running:
             return
         t0 = time.monotonic()
-        for name in ("kube-scheduler", "kwok"):
+        for name in ("kube-scheduler", "kwok") if self.fake_nodes else ("kube-scheduler",):
             self.binary(name)
         old = self.processes.pop("kube-controller-manager", None)
         if old is not None:
@@ -342,6 +365,24 @@ class ControlPlane:
                 "--v=1",
             ],
         )
+        if self.fake_nodes:
+            self._start_kwok()
+        sched_ctx = ssl.create_default_context()
+        sched_ctx.check_hostname = False
+        sched_ctx.verify_mode = ssl.CERT_NONE  # self-signed serving cert of the scheduler
+
+        def scheduler_healthy() -> bool:
+            url = f"https://{LOOPBACK}:{sched_port}/healthz"
+            with urllib.request.urlopen(url, context=sched_ctx, timeout=2) as resp:
+                return bool(resp.status == 200)
+
+        self._wait("kube-scheduler", scheduler_healthy, "kube-scheduler /healthz")
+        time.sleep(0.2)
+        self._check_alive("kube-controller-manager", *(("kwok",) if self.fake_nodes else ()))
+        self.workloads_running = True
+        self.startup_seconds["workloads"] = time.monotonic() - t0
+
+    def _start_kwok(self) -> None:
         self._spawn(
             "kwok",
             [
@@ -357,20 +398,6 @@ class ControlPlane:
                 # it would listen on 0.0.0.0).
             ],
         )
-        sched_ctx = ssl.create_default_context()
-        sched_ctx.check_hostname = False
-        sched_ctx.verify_mode = ssl.CERT_NONE  # self-signed serving cert of the scheduler
-
-        def scheduler_healthy() -> bool:
-            url = f"https://{LOOPBACK}:{sched_port}/healthz"
-            with urllib.request.urlopen(url, context=sched_ctx, timeout=2) as resp:
-                return bool(resp.status == 200)
-
-        self._wait("kube-scheduler", scheduler_healthy, "kube-scheduler /healthz")
-        time.sleep(0.2)
-        self._check_alive("kube-controller-manager", "kwok")
-        self.workloads_running = True
-        self.startup_seconds["workloads"] = time.monotonic() - t0
 
     def stop(self) -> None:
         """Stop all components (newest first). Logs stay; etcd data goes unless ``keep_dir``."""

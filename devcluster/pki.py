@@ -191,14 +191,20 @@ class CertificateAuthority:
         return self.issue(user, organizations=groups, client=True)
 
 
+#: The user kube-apiserver is when it calls a kubelet (logs, exec, port-forward).
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
+
+
 @dataclass(frozen=True)
 class ClusterPKI:
     """Everything the control plane needs: one CA for serving and client certs, the apiserver serving
-    cert, the admin client cert and the service-account signing key pair."""
+    cert, the admin client cert, the apiserver's client cert for kubelets and the service-account
+    signing key pair."""
 
     ca: CertificateAuthority
     apiserver: KeyPair
     admin: KeyPair
+    kubelet_client: KeyPair
     sa_private_pem: bytes
     sa_public_pem: bytes
 
@@ -209,8 +215,10 @@ class ClusterPKI:
         serving_hosts = [*hosts, "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
         apiserver = ca.issue_server("kube-apiserver", serving_hosts)
         admin = ca.issue_client("admin", ["system:masters"])
+        # No group: a real node's harness grants it system:kubelet-api-admin (devcluster.node).
+        kubelet_client = ca.issue_client(KUBELET_CLIENT_USER)
         sa = new_key()
-        return cls(ca, apiserver, admin, key_pem(sa), public_key_pem(sa))
+        return cls(ca, apiserver, admin, kubelet_client, key_pem(sa), public_key_pem(sa))
 
     def write(self, directory: Path) -> dict[str, Path]:
         directory.mkdir(parents=True, exist_ok=True)
@@ -222,6 +230,9 @@ class ClusterPKI:
         paths["ca.crt"], paths["ca.key"] = directory / "ca.crt", ca_key
         paths["apiserver.crt"], paths["apiserver.key"] = self.apiserver.write(directory, "apiserver")
         paths["admin.crt"], paths["admin.key"] = self.admin.write(directory, "admin")
+        paths["apiserver-kubelet-client.crt"], paths["apiserver-kubelet-client.key"] = (
+            self.kubelet_client.write(directory, "apiserver-kubelet-client")
+        )
         sa_key = directory / "sa.key"
         sa_key.touch(mode=0o600)
         sa_key.write_bytes(self.sa_private_pem)

@@ -10,9 +10,12 @@ Fixtures:
   kwok started (lazily, on first use);
 * ``user_client``: ``user_client(cn, groups=())`` -> ApiClient with a client certificate for that user;
 * ``kubectl``: a function running the kubectl binary against the admin kubeconfig, returning a
-  ``subprocess.CompletedProcess[str]``.
+  ``subprocess.CompletedProcess[str]``;
+* ``real_node`` (session): a :class:`~devcluster.node.RealNode` (a control plane of its own plus a
+  real kubelet, kube-proxy and containerd; root only) with the Debian base image imported. When it
+  stops, every host change must have been undone, or its teardown fails.
 
-Tests using them are marked ``cluster`` (and ``workloads``) automatically. When such a test fails,
+Tests using them are marked ``cluster`` (and ``workloads``, or ``realnode``) automatically. When such a test fails,
 the tails of the component logs are added to its report. Missing binaries are an error that says how
 to get them, never a skip.
 """
@@ -29,17 +32,25 @@ import pytest
 
 from devcluster import binaries
 from devcluster.controlplane import ControlPlane
+from devcluster.node import RealNode
 
 KubectlRunner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 _plane_key = pytest.StashKey[ControlPlane]()
-CLUSTER_FIXTURES = {"control_plane", "k8s_api", "kubeconfig", "workload_plane", "kubectl", "user_client"}
+_node_key = pytest.StashKey[RealNode]()
+REAL_NODE_FIXTURES = {"real_node"}
+CLUSTER_FIXTURES = {
+    "control_plane", "k8s_api", "kubeconfig", "workload_plane", "kubectl", "user_client", *REAL_NODE_FIXTURES,
+}  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # Also declared in pyproject.toml; repeated here so the plugin works in any project.
     config.addinivalue_line("markers", "cluster: needs the local control plane (kube-apiserver + etcd)")
     config.addinivalue_line("markers", "workloads: needs controller-manager, scheduler and kwok as well")
+    config.addinivalue_line(
+        "markers", "realnode: needs root and a real node (kubelet, containerd; devcluster.node)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -49,6 +60,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.cluster)
         if "workload_plane" in names:
             item.add_marker(pytest.mark.workloads)
+        if names & REAL_NODE_FIXTURES:
+            item.add_marker(pytest.mark.realnode)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -58,6 +71,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if not report.failed:
         return
     if not set(getattr(item, "fixturenames", ())) & CLUSTER_FIXTURES:
+        return
+    names = set(getattr(item, "fixturenames", ()))
+    node = item.config.stash.get(_node_key, None)
+    if node is not None and names & REAL_NODE_FIXTURES:
+        report.sections.append(("real node logs (tails)", node.log_tails(lines=25)))
         return
     plane = item.config.stash.get(_plane_key, None)
     if plane is not None:
@@ -148,3 +166,30 @@ def kubectl(kubectl_binary: Path, kubeconfig: Path) -> KubectlRunner:
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def real_node(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Generator[RealNode]:
+    """A real node for the session (see :mod:`devcluster.node`); fails (never skips) when the host
+    cannot run one, saying why."""
+    from devcluster.images import debian_base_image  # noqa: PLC0415 - only real-node sessions build it
+
+    _require(("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy"))
+    node = RealNode(tmp_path_factory.mktemp("realnode"), images=[debian_base_image()])
+    request.config.stash[_node_key] = node
+    try:
+        node.start()
+    except Exception:
+        print(node.log_tails(lines=40))
+        raise
+    try:
+        yield node
+    finally:
+        node.stop()
+        print(f"real node stopped: {len(node.undone)} host changes undone")
+    if node.leftovers:
+        pytest.fail(
+            "the real node left host changes behind:\n  " + "\n  ".join(node.leftovers), pytrace=False
+        )
