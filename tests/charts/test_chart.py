@@ -51,6 +51,10 @@ VARIANTS: dict[str, list[str]] = {
         "--set=reconciler.privileged=false",
         "--set=reconciler.rebootEnabled=true",
     ],
+    "simulated-gpus": [
+        "--set=reconciler.gpuBackend=simulated",
+        "--set=reconciler.simulatedGpus=NVIDIA-A100-SXM4-40GB:2",
+    ],
 }
 
 Run = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -124,6 +128,10 @@ def test_helm_lint_is_clean(helm: Run, variant: str, strict: bool) -> None:
         ("certs.mode=helm-genca", "mode"),
         ("image.digest=latest", "digest"),
         ("reconciler.gpuBackend=cuda", "gpuBackend"),
+        ("reconciler.gpuBackend=simulated", "simulatedGpus"),  # which GPUs, then?
+        ("reconciler.simulatedGpus=NVIDIA-A100-SXM4-40GB", "simulatedGpus"),
+        ("reconciler.simulatedGpus=NVIDIA-A100-SXM4-40GB:2", "simulatedGpus"),  # but nvml
+
         ("certs.renewBeforeDays=400", "renewBeforeDays"),
     ],
 )

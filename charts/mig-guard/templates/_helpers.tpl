@@ -209,6 +209,12 @@ containers:
 {{- if ge (int .Values.certs.caRenewBeforeDays) (int .Values.certs.caValidityDays) -}}
 {{- fail "certs.caRenewBeforeDays must be smaller than certs.caValidityDays" -}}
 {{- end -}}
+{{- if and (eq .Values.reconciler.gpuBackend "simulated") (not .Values.reconciler.simulatedGpus) -}}
+{{- fail "reconciler.gpuBackend=simulated needs reconciler.simulatedGpus, e.g. NVIDIA-A100-SXM4-40GB:1" -}}
+{{- end -}}
+{{- if and .Values.reconciler.simulatedGpus (ne .Values.reconciler.gpuBackend "simulated") -}}
+{{- fail "reconciler.simulatedGpus is only used with reconciler.gpuBackend=simulated" -}}
+{{- end -}}
 {{- if and .Values.migPartedConfig.config (eq .Values.migPartedConfig.mode "reference") -}}
 {{- fail "migPartedConfig.config is only used with migPartedConfig.mode=create" -}}
 {{- end -}}
