@@ -4,7 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup binaries demo test lint unit bench clean
+.PHONY: setup binaries node-prep demo test lint unit bench clean
+
+# The image the real-node tests install the chart with (built from ./Dockerfile, never pushed).
+MIG_GUARD_IMAGE := mig-guard.local/mig-guard:dev
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,11 @@ setup: $(STAMP)
 binaries: $(STAMP)
 	$(BIN)/python -m devcluster.binaries ensure
 
+# A real node's Debian packages (apt-get, as root: containerd, runc, CNI plugins, iptables, buildah,
+# mmdebstrap, ...) and images (pause, a Debian base, ./Dockerfile built with buildah). Cached.
+node-prep: binaries
+	$(BIN)/python -m devcluster.node prepare --image $(MIG_GUARD_IMAGE)=.
+
 demo: binaries
 	$(BIN)/mig-guard demo
 
@@ -30,7 +38,7 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -m "not cluster" -q
 
-test: lint binaries
+test: lint binaries node-prep
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

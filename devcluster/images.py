@@ -273,7 +273,7 @@ def build_dockerfile(
         raise ImageBuildError("buildah is missing (Debian package buildah; see devcluster.hostprep)")
     wheels = wheelhouse(context)
     key = _digest(
-        context_digest(context), base.path.name, wheels.name, repr(sorted((build_args or {}).items()))
+        name, context_digest(context), base.path.name, wheels.name, repr(sorted((build_args or {}).items()))
     )
     stem = name.rsplit("/", 1)[-1].split(":", maxsplit=1)[0]
     with _locked(stem) as directory:

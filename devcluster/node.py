@@ -33,8 +33,10 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -547,6 +549,46 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             parts.append(f"===== {name} ({state}) {proc.log_path} =====\n{proc.log_tail(lines)}")
         return "\n".join(parts)
 
+    def run_pod(
+        self,
+        image: str,
+        *,
+        command: Sequence[str] | None = None,
+        args: Sequence[str] | None = None,
+        namespace: str = "default",
+        timeout: float = 90.0,
+    ) -> tuple[str, str]:
+        """Run one container of ``image`` on this node to its end; returns (phase, log). The log is
+        read through the API server, which asks the kubelet for it."""
+        core: Any = k8s.CoreV1Api(self.plane.api)
+        name = f"run-{uuid.uuid4().hex[:8]}"
+        container: dict[str, Any] = {"name": "main", "image": image, "imagePullPolicy": "Never"}
+        if command is not None:
+            container["command"] = list(command)
+        if args is not None:
+            container["args"] = list(args)
+        body = {
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": self.name,
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [container],
+            },
+        }
+        core.create_namespaced_pod(namespace, body)
+        try:
+
+            def finished() -> bool:
+                return str(core.read_namespaced_pod(name, namespace).status.phase) in ("Succeeded", "Failed")
+
+            wait_until(finished, timeout, 0.25, f"pod {namespace}/{name} finished")
+            phase = str(core.read_namespaced_pod(name, namespace).status.phase)
+            return phase, str(core.read_namespaced_pod_log(name, namespace, container="main"))
+        finally:
+            with contextlib.suppress(ApiException):
+                core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+
     def pod_log(self, namespace: str, pod: str, container: str) -> str:
         """A container's log from the kubelet's log files (newest restart last)."""
         texts = []
@@ -663,16 +705,57 @@ def cleanup_stale() -> list[str]:
     return done
 
 
-def main() -> int:
+def prepare(images: Sequence[tuple[str, Path]] = ()) -> dict[str, float]:
+    """What a real node needs before it starts, timed: the Debian packages (apt-get), the pause and
+    Debian base images, and ``images`` (name, Dockerfile context) built on that base."""
+    from devcluster.images import build_dockerfile, debian_base_image  # noqa: PLC0415
+
+    seconds = {"packages": hostprep.ensure_packages()}
+    t0 = time.monotonic()
+    pause_image()
+    seconds["pause image"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    base = debian_base_image()
+    seconds["debian base image"] = time.monotonic() - t0
+    for name, context in images:
+        t0 = time.monotonic()
+        build_dockerfile(context.resolve(), name, base)
+        seconds[f"image {name}"] = time.monotonic() - t0
+    return seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     import argparse  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="python -m devcluster.node", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
+    p_prepare = sub.add_parser("prepare", help="install the packages, build the images (cached)")
+    p_prepare.add_argument(
+        "--image", action="append", default=[], metavar="NAME=CONTEXT", help="also build CONTEXT/Dockerfile"
+    )
     sub.add_parser("cleanup", help="undo what a killed real node left on this host")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.cmd == "cleanup":
         for line in cleanup_stale():
             print(line)
+        return 0
+    if not hostprep.is_root():
+        print(
+            "node-prep: not root, nothing prepared (the real-node tests need root; deselect them with -m 'not realnode')"
+        )
+        return 0
+    images = []
+    for spec in args.image:
+        name, sep, context = spec.partition("=")
+        if not sep:
+            parser.error(f"--image {spec!r}: expected NAME=CONTEXT")
+        images.append((name, Path(context)))
+    try:
+        seconds = prepare(images)
+    except (hostprep.HostPrepError, OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+        print(f"node-prep: {exc}", file=sys.stderr)
+        return 1
+    print("node-prep: " + ", ".join(f"{step} {secs:.1f}s" for step, secs in seconds.items()), flush=True)
     return 0
 
 

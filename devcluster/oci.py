@@ -149,13 +149,29 @@ def _reset_owner(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
+def _read_json(tar: tarfile.TarFile, member: str) -> Any:
+    fh = tar.extractfile(member)
+    if fh is None:
+        raise ValueError(f"not an OCI archive: no {member}")
+    return json.load(io.TextIOWrapper(fh))
+
+
+def image_config(archive: Path) -> dict[str, Any]:
+    """The image configuration of the (first) image in an OCI archive: ``config`` holds ``User``,
+    ``Entrypoint``, ``Cmd``, ``Env``...; what a runtime starts a container with."""
+    with tarfile.open(archive) as tar:
+        index = _read_json(tar, "index.json")
+        manifest = _read_json(tar, "blobs/sha256/" + index["manifests"][0]["digest"].removeprefix("sha256:"))
+        config: dict[str, Any] = _read_json(
+            tar, "blobs/sha256/" + manifest["config"]["digest"].removeprefix("sha256:")
+        )
+    return config
+
+
 def image_name(archive: Path) -> str:
     """The image name recorded in an OCI archive's index (for a log line or a check)."""
     with tarfile.open(archive) as tar:
-        member = tar.extractfile("index.json")
-        if member is None:
-            raise ValueError(f"{archive}: no index.json")
-        index = json.load(io.TextIOWrapper(member))
+        index = _read_json(tar, "index.json")
     names: list[str] = [
         m.get("annotations", {}).get("org.opencontainers.image.ref.name", "") for m in index["manifests"]
     ]

@@ -8,48 +8,16 @@ from __future__ import annotations
 import ssl
 import urllib.error
 import urllib.request
-import uuid
 from typing import Any
 
 from kubernetes import client as k8s
 
 from devcluster.node import RealNode, guard_drops
-from devcluster.processes import wait_until
 
 
-def run_pod(node: RealNode, script: str, *, timeout: float = 90) -> tuple[str, str]:
+def run_pod(node: RealNode, script: str) -> tuple[str, str]:
     """Run `python3 -c script` in a pod of the Debian base image; returns (phase, log)."""
-    core: Any = k8s.CoreV1Api(node.api)
-    name = f"probe-{uuid.uuid4().hex[:6]}"
-    image = node.images[0].name
-    core.create_namespaced_pod(
-        "default",
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "nodeName": node.name,
-                "restartPolicy": "Never",
-                "terminationGracePeriodSeconds": 1,
-                "containers": [
-                    {
-                        "name": "main",
-                        "image": image,
-                        "imagePullPolicy": "Never",
-                        "command": ["python3", "-c", script],
-                    }
-                ],
-            },
-        },
-    )
-
-    def finished() -> bool:
-        return str(core.read_namespaced_pod(name, "default").status.phase) in ("Succeeded", "Failed")
-
-    wait_until(finished, timeout, 0.25, f"pod {name} finished")
-    phase = str(core.read_namespaced_pod(name, "default").status.phase)
-    log = str(core.read_namespaced_pod_log(name, "default"))  # through the API server and the kubelet
-    core.delete_namespaced_pod(name, "default", grace_period_seconds=0)
-    return phase, log
+    return node.run_pod(node.images[0].name, command=["python3", "-c", script])
 
 
 def test_a_pod_reaches_the_api_server_through_the_kubernetes_service(real_node: RealNode) -> None:
