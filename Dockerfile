@@ -39,6 +39,11 @@ ENV PATH=/opt/mig-guard/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 COPY --from=build /opt/mig-guard /opt/mig-guard
+# Name uid 65532 (group 65532): the kubelet hands a container runtime only the image's numeric uid,
+# and the runtime takes the group from /etc/passwd, so without this entry a pod that sets no
+# runAsGroup ran with gid 0 (found on a real node).
+RUN echo "mig-guard:x:65532:65532:mig-guard:/nonexistent:/usr/sbin/nologin" >> /etc/passwd \
+ && echo "mig-guard:x:65532:" >> /etc/group
 # Non-root by default (the webhook and the certs Jobs); the chart runs only the reconciler as root,
 # because MIG reconfiguration needs the GPU devices. Works with a read-only root filesystem: the
 # only writes go to /tmp (an emptyDir in the chart).
