@@ -11,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mig_guard.commands import certs, check, demo, hardware, plan, profiles, reconcile, webhook
+from mig_guard.commands import certs, check, demo, hardware, plan, profiles, reconcile, uninstall, webhook
 
-COMMANDS = (check, profiles, hardware, webhook, reconcile, plan, certs, demo)
+COMMANDS = (check, profiles, hardware, webhook, reconcile, plan, certs, uninstall, demo)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -99,6 +99,12 @@ def by_kind(docs: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
 
 
+def certs_jobs(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        j for j in by_kind(docs, "Job") if j["metadata"]["labels"]["app.kubernetes.io/component"] == "certs"
+    ]
+
+
 def one(docs: Sequence[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
     found = [d for d in by_kind(docs, kind) if d["metadata"]["name"].endswith(name_suffix)]
     assert len(found) == 1, f"{kind} *{name_suffix}: {[d['metadata']['name'] for d in found]}"
@@ -131,7 +137,6 @@ def test_helm_lint_is_clean(helm: Run, variant: str, strict: bool) -> None:
         ("reconciler.gpuBackend=simulated", "simulatedGpus"),  # which GPUs, then?
         ("reconciler.simulatedGpus=NVIDIA-A100-SXM4-40GB", "simulatedGpus"),
         ("reconciler.simulatedGpus=NVIDIA-A100-SXM4-40GB:2", "simulatedGpus"),  # but nvml
-
         ("certs.renewBeforeDays=400", "renewBeforeDays"),
     ],
 )
@@ -194,6 +199,8 @@ def test_webhook_pods_are_hardened_replicated_and_spread(helm: Run) -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health", "scheme": "HTTPS"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health", "scheme": "HTTPS"}
     assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    # Keeps answering until its endpoint is gone everywhere (a rolling upgrade refused calls without).
+    assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
     assert {c["topologyKey"] for c in spec["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
     assert "podAntiAffinity" in spec["affinity"]
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -320,9 +327,33 @@ def test_component_arguments_are_accepted_by_their_commands(helm: Run, variant: 
     assert args.node_name == "$(NODE_NAME)"  # expanded by the kubelet from the downward-API env
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_uninstall_hooks_remove_webhooks_first_and_the_rest_after(helm: Run, variant: str) -> None:
+    docs = render(helm, *VARIANTS[variant])
+    jobs = {
+        j["metadata"]["annotations"]["helm.sh/hook"]: j
+        for j in by_kind(docs, "Job")
+        if "uninstall" in j["metadata"]["name"]
+    }
+    assert set(jobs) == {"pre-delete", "post-delete"}
+    pre = jobs["pre-delete"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    post = jobs["post-delete"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert pre == ["uninstall", "--webhook-config=mg-mig-guard"]
+    assert "--node-keys" in post
+    assert ("--secret-name=mg-mig-guard-webhook-tls" in post) == (
+        "certs.mode=cert-manager" not in str(VARIANTS[variant])
+    )
+    assert "--wait-for-pods=app.kubernetes.io/instance=mg,app.kubernetes.io/component=reconciler" in post
+    parser = build_parser()
+    for args in (pre, post):
+        assert parser.parse_args(args).command == "uninstall"
+    none = render(helm, *VARIANTS[variant], "--set=cleanupOnUninstall=false")
+    assert not [d for d in none if "uninstall" in d["metadata"]["name"]]
+
+
 def test_cert_manager_mode_uses_the_ca_injector_and_no_jobs(helm: Run) -> None:
     docs = render(helm, "--set=certs.mode=cert-manager")
-    assert not by_kind(docs, "Job") and not by_kind(docs, "CronJob")
+    assert not certs_jobs(docs) and not by_kind(docs, "CronJob")
     for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
         annotations = one(docs, kind)["metadata"]["annotations"]
         assert annotations["cert-manager.io/inject-ca-from"] == "mig-guard/mg-mig-guard-webhook"
@@ -334,7 +365,7 @@ def test_cert_manager_mode_uses_the_ca_injector_and_no_jobs(helm: Run) -> None:
 
 def test_certs_jobs_run_before_and_after_install_with_arguments_the_command_accepts(helm: Run) -> None:
     docs = render(helm)
-    jobs = {d["metadata"]["annotations"]["helm.sh/hook"]: d for d in by_kind(docs, "Job")}
+    jobs = {d["metadata"]["annotations"]["helm.sh/hook"]: d for d in certs_jobs(docs)}
     assert set(jobs) == {"pre-install,pre-upgrade", "post-install,post-upgrade"}
     cron = one(docs, "CronJob")["spec"]["jobTemplate"]
     pod_specs = [j["spec"]["template"]["spec"] for j in jobs.values()] + [cron["spec"]["template"]["spec"]]
@@ -410,7 +441,9 @@ def release(helm: Run, control_plane: Any, kubeconfig: Path) -> Iterator[str]:
                 check=False,
             )
         time.sleep(2)
-        removed = helm("uninstall", name, "--namespace", NAMESPACE, kubeconfig=kubeconfig, timeout=180)
+        removed = helm(
+            "uninstall", name, "--namespace", NAMESPACE, "--no-hooks", kubeconfig=kubeconfig, timeout=180
+        )
         assert removed.returncode == 0, removed.stderr
 
 
