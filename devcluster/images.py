@@ -31,6 +31,7 @@ from pathlib import Path
 from devcluster import oci
 
 PAUSE_SOURCE = Path(__file__).with_name("pause.go")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: The stand-in for the Dockerfile's python:3.11-slim-bookworm: Debian's Python 3.11.
 DEBIAN_SUITE = "bookworm"
 DEBIAN_PACKAGES = ("python3", "python3-venv", "python-is-python3")
@@ -250,13 +251,19 @@ def context_digest(context: Path) -> str:
 
 @contextlib.contextmanager
 def _host_paths_restored(paths: Sequence[str]) -> Iterator[None]:
+    """Remove what a build created at fixed host paths, and the cgroups of its RUN steps that
+    runc left when a step failed."""
     existed = {p: os.path.lexists(p) for p in paths}
+    cgroups = set(CGROUP_ROOT.glob("*/buildah-*"))
     try:
         yield
     finally:
         for path, was in existed.items():
             if not was and os.path.lexists(path):
                 shutil.rmtree(path, ignore_errors=True)
+        for cgroup in set(CGROUP_ROOT.glob("*/buildah-*")) - cgroups:
+            with contextlib.suppress(OSError):
+                cgroup.rmdir()
 
 
 def build_dockerfile(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 from kubernetes import client as k8s
 from kubernetes.client import ApiException
@@ -48,7 +49,7 @@ from kubernetes.client import ApiException
 from devcluster import binaries as bins
 from devcluster import hostprep, hoststate
 from devcluster.controlplane import SERVICE_CIDR, ControlPlane, free_port
-from devcluster.images import ImageArchive, pause_image
+from devcluster.images import ImageArchive, cache_dir, pause_image
 from devcluster.kubeconfig import api_client
 from devcluster.pki import KUBELET_CLIENT_USER
 from devcluster.processes import ManagedProcess, wait_until
@@ -157,6 +158,7 @@ class RealNode:
         self._kubelet_healthz = 0
         self._proxy_healthz = 0
         self._stopped = True
+        self._lock: IO[str] | None = None
 
     # ------------------------------------------------------------------ paths
 
@@ -210,10 +212,15 @@ class RealNode:
     def start(self) -> RealNode:
         t0 = time.monotonic()
         self._preflight()
-        cleanup_stale()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.snapshot = hoststate.HostSnapshot.take(list(FIXED_PATHS))
-        self._write_marker()
+        self._take_machine()
+        try:
+            cleanup_stale()
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.snapshot = hoststate.HostSnapshot.take(list(FIXED_PATHS))
+            self._write_marker()
+        except BaseException:
+            self._release_machine()
+            raise
         self._stopped = False
         atexit.register(self.stop)
         try:
@@ -253,6 +260,34 @@ class RealNode:
         ).stdout
         if any(line.startswith("10.88.") for line in routes.splitlines()) and not os.path.exists(MARKER):
             raise NodeError(f"10.88.0.0/16 is already routed on this host:\n{routes}")
+
+    def _take_machine(self, timeout: float = 1800.0) -> None:
+        """One real node per machine (fixed host paths): wait for another session's to stop.
+        Whoever holds the lock owns the marker, so a marker found afterwards is a dead run's."""
+        directory = cache_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = (directory / ".real-node.lock").open("w")
+        deadline = time.monotonic() + timeout
+        announced = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock = lock
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock.close()
+                    raise NodeError(f"another real node kept this machine for {timeout:.0f}s") from None
+                if not announced:
+                    print("devcluster: another session runs a real node here; waiting for it", flush=True)
+                    announced = True
+                time.sleep(2.0)
+
+    def _release_machine(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     def _write_marker(self) -> None:
         assert self.snapshot is not None
@@ -619,6 +654,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         if self.snapshot is not None:
             self.undone = restore_host(self.snapshot, str(self.containerd_socket), self.workdir)
             self.leftovers = self.snapshot.differences()
+        self._release_machine()
 
     def _remove_pods(self) -> None:
         if not self.plane.running or "kubelet" not in self.processes or not self.processes["kubelet"].running:
@@ -736,8 +772,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("cleanup", help="undo what a killed real node left on this host")
     args = parser.parse_args(argv)
     if args.cmd == "cleanup":
-        for line in cleanup_stale():
-            print(line)
+        holder = RealNode(Path("/nonexistent"))
+        try:
+            holder._take_machine(timeout=0)
+        except NodeError:
+            print("a real node is running on this machine; nothing to clean up", file=sys.stderr)
+            return 1
+        try:
+            for line in cleanup_stale():
+                print(line)
+        finally:
+            holder._release_machine()
         return 0
     if not hostprep.is_root():
         print(

@@ -64,10 +64,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.realnode)
 
 
+_group_seconds_key = pytest.StashKey[dict[str, float]]()
+
+
+def _group(item: pytest.Item) -> str:
+    if item.get_closest_marker("realnode"):
+        return "real node"
+    if item.get_closest_marker("cluster"):
+        return "control plane"
+    return "unit"
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Where the time went: unit tests, control-plane tests, real-node tests (setup and teardown
+    of the session fixtures included in the group that used them first/last)."""
+    seconds = config.stash.get(_group_seconds_key, {})
+    if seconds:
+        parts = ", ".join(f"{group} {secs:.0f}s" for group, secs in sorted(seconds.items()))
+        terminalreporter.write_line(f"test time by kind: {parts}")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
+    seconds = item.config.stash.setdefault(_group_seconds_key, {})
+    seconds[_group(item)] = seconds.get(_group(item), 0.0) + report.duration
     if not report.failed:
         return
     if not set(getattr(item, "fixturenames", ())) & CLUSTER_FIXTURES:
