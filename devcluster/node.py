@@ -49,7 +49,7 @@ from kubernetes.client import ApiException
 from devcluster import binaries as bins
 from devcluster import hostprep, hoststate
 from devcluster.controlplane import SERVICE_CIDR, ControlPlane, free_port
-from devcluster.images import ImageArchive, cache_dir, pause_image
+from devcluster.images import ImageArchive, pause_image
 from devcluster.kubeconfig import api_client
 from devcluster.pki import KUBELET_CLIENT_USER
 from devcluster.processes import ManagedProcess, wait_until
@@ -63,6 +63,9 @@ GUARDED_RANGES = ("10.88.0.0/16", SERVICE_CIDR)
 #: cgroup (in every hierarchy) under which the kubelet puts all pods.
 CGROUP_PARENT = "mig-guard-node"
 MARKER = Path("/run/mig-guard-node.json")
+#: Held while a node runs. In root's home, not in a cache directory that the environment can
+#: move ($MIG_GUARD_NODE_CACHE, $XDG_CACHE_HOME): two sessions must always find the same lock.
+MACHINE_LOCK = Path.home() / ".cache" / "mig-guard" / "real-node.lock"
 #: Fixed in the kubelet (the device plugin API's well-known directory).
 DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 #: Paths outside the work directory that containerd 1.6, its shims, runc, libcni and the kubelet
@@ -264,9 +267,8 @@ class RealNode:
     def _take_machine(self, timeout: float = 1800.0) -> None:
         """One real node per machine (fixed host paths): wait for another session's to stop.
         Whoever holds the lock owns the marker, so a marker found afterwards is a dead run's."""
-        directory = cache_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        lock = (directory / ".real-node.lock").open("w")
+        MACHINE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        lock = MACHINE_LOCK.open("w")
         deadline = time.monotonic() + timeout
         announced = False
         while True:
