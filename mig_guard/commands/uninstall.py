@@ -22,8 +22,10 @@ Exit codes: 0 done, 1 the API refused or the wait timed out, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,28 +129,35 @@ def node_cleanup_patch(node: Any) -> list[dict[str, Any]]:
     return [{"op": "test", "path": "/metadata/resourceVersion", "value": meta.resource_version}, *ops]
 
 
-def clean_nodes(api: Any, attempts: int = 5) -> list[str]:
+def _retrying(what: str, write: Callable[[], str | None], timeout: float) -> str | None:
+    """Run ``write`` until it succeeds. Retried: 409/422 (the node changed under a guarded patch),
+    and a refusal by the node-writers ValidatingAdmissionPolicy that Helm has just deleted (the
+    API server drops it from its cache asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return write()
+        except ApiException as exc:
+            if exc.status not in (403, 409, 422) or time.monotonic() > deadline:
+                raise
+            print(f"{what}: {exc.status} {exc.reason}; retrying", file=sys.stderr)
+            time.sleep(1.0)
+
+
+def clean_nodes(api: Any, timeout: float = 120.0) -> list[str]:
     core: Any = k8s.CoreV1Api(api)
-    done = []
-    for listed in core.list_node().items:
-        name = listed.metadata.name
-        for attempt in range(attempts):
-            node = core.read_node(name)
-            patch = node_cleanup_patch(node)
-            if not patch:
-                break
-            try:
-                core.patch_node(name, patch)
-                done.append(f"node {name}: removed {len(patch) - 1} mig-guard keys")
-                break
-            except ApiException as exc:
-                # 422: the resourceVersion test failed (someone wrote meanwhile): read again.
-                if exc.status not in (409, 422) or attempt == attempts - 1:
-                    raise
-        node = core.read_node(name)
-        conditions = node.status.conditions or []
-        for index, condition in enumerate(conditions):
-            if condition.type == keys.CONDITION_READY:
+    done: list[str] = []
+
+    def metadata(name: str) -> str | None:
+        patch = node_cleanup_patch(core.read_node(name))
+        if not patch:
+            return None
+        core.patch_node(name, patch)
+        return f"node {name}: removed {len(patch) - 1} mig-guard keys"
+
+    def condition(name: str) -> str | None:
+        for index, cond in enumerate(core.read_node(name).status.conditions or []):
+            if cond.type == keys.CONDITION_READY:
                 core.patch_node_status(
                     name,
                     [
@@ -160,8 +169,15 @@ def clean_nodes(api: Any, attempts: int = 5) -> list[str]:
                         {"op": "remove", "path": f"/status/conditions/{index}"},
                     ],
                 )
-                done.append(f"node {name}: removed condition {keys.CONDITION_READY}")
-                break
+                return f"node {name}: removed condition {keys.CONDITION_READY}"
+        return None
+
+    for listed in core.list_node().items:
+        name = listed.metadata.name
+        for step in (metadata, condition):
+            line = _retrying(f"node {name}", functools.partial(step, name), timeout)
+            if line:
+                done.append(line)
     return done
 
 
