@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
 from kubernetes import client as k8s
+from kubernetes import watch
 from kubernetes.client import ApiException
 
 from devcluster.kubeconfig import token_client
@@ -340,3 +342,44 @@ def node_bound_client(api: Any, namespace: str, service_account: str, node: str)
     """An ApiClient for ServiceAccount ``namespace/service_account`` with a token bound to a Pod on
     ``node`` (see :func:`pod_bound_token`; the ServiceAccount and its RBAC must exist)."""
     return token_client(api, pod_bound_token(api, namespace, service_account, node))
+
+
+def watch_node(
+    api: Any,
+    name: str,
+    until: Callable[[Any], bool],
+    *,
+    timeout: float,
+    since: str | None = None,
+    check: Callable[[], None] | None = None,
+) -> Any:
+    """Watch Node ``name`` until ``until(node)`` holds; return that node, or None on timeout.
+
+    A state that lasts only a moment is seen too: from the node as it is now, or with ``since`` (a
+    resourceVersion, e.g. of a write that started a change) from every update after it, including
+    those before this call. ``check`` runs between watch rounds (at most 5 s apart) and may raise.
+    """
+    core: Any = k8s.CoreV1Api(api)
+    deadline = time.monotonic() + timeout
+    version = since
+    while (left := deadline - time.monotonic()) > 0:
+        if check is not None:
+            check()
+        w: Any = watch.Watch()  # type: ignore[no-untyped-call]
+        try:
+            for event in w.stream(
+                core.list_node,
+                field_selector=f"metadata.name={name}",
+                resource_version=version,
+                timeout_seconds=max(1, min(5, int(left))),
+            ):
+                node = event["object"]
+                version = node.metadata.resource_version
+                if until(node):
+                    w.stop()
+                    return node
+        except ApiException as exc:
+            if exc.status != 410:
+                raise
+            version = None  # too old to resume from (not within a test): the node as it is now
+    return None

@@ -26,12 +26,11 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
-from kubernetes import watch
 from kubernetes.client import ApiException
 
 from devcluster import binaries
 from devcluster.deviceplugin.server import DevicePlugins, wait_for_capacity
-from devcluster.helpers import gfd_labels
+from devcluster.helpers import gfd_labels, watch_node
 from devcluster.images import ImageArchive
 from devcluster.node import RealNode
 from devcluster.processes import wait_until
@@ -147,34 +146,21 @@ class Release:
 
     def wait_state(self, state: str, reason_has: str, since: str, timeout: float = 120) -> str:
         """Watch the node from `since` until the state label is `state` with a matching reason."""
-        deadline = time.monotonic() + timeout
         last: tuple[str | None, str] = (None, "")
-        version: str | None = since
-        while (left := deadline - time.monotonic()) > 0:
-            w = watch.Watch()
-            try:
-                for event in w.stream(
-                    self.core.list_node,
-                    field_selector=f"metadata.name={self.node.name}",
-                    resource_version=version,
-                    timeout_seconds=max(1, min(10, int(left))),
-                ):
-                    obj = event["object"]
-                    version = obj.metadata.resource_version
-                    last = (
-                        (obj.metadata.labels or {}).get(keys.LABEL_MIG_STATE),
-                        (obj.metadata.annotations or {}).get(keys.ANNOTATION_REASON, ""),
-                    )
-                    if last[0] == state and reason_has in last[1]:
-                        w.stop()
-                        return last[1]
-            except ApiException as exc:
-                if exc.status != 410:
-                    raise
-                version = None
-        raise AssertionError(
-            f"state {state} ({reason_has}) not reached; last {last}\n{self.reconciler_log()}"
-        )
+
+        def reached(node: Any) -> bool:
+            nonlocal last
+            last = (
+                (node.metadata.labels or {}).get(keys.LABEL_MIG_STATE),
+                (node.metadata.annotations or {}).get(keys.ANNOTATION_REASON, ""),
+            )
+            return last[0] == state and reason_has in last[1]
+
+        if watch_node(self.api, self.node.name, reached, timeout=timeout, since=since) is None:
+            raise AssertionError(
+                f"state {state} ({reason_has}) not reached; last {last}\n{self.reconciler_log()}"
+            )
+        return last[1]
 
     def reconciler_log(self) -> str:
         return self.kubectl("logs", "-n", NAMESPACE, f"ds/{RELEASE}-reconciler", "--tail=40").stdout

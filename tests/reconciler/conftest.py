@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -20,10 +19,9 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 from kubernetes import watch
-from kubernetes.client import ApiException
 
 from devcluster.faultproxy import FaultProxy
-from devcluster.helpers import create_gpu_node, ensure_namespace, service_account_client
+from devcluster.helpers import create_gpu_node, ensure_namespace, service_account_client, watch_node
 from devcluster.kubeconfig import kubeconfig_dict, write_kubeconfig
 from devcluster.processes import wait_until
 from migcore import keys
@@ -183,32 +181,18 @@ class GpuNode:
                 if proc.poll() not in (None, -signal.SIGKILL, -signal.SIGTERM, 0):
                     raise AssertionError(f"agent exited with {proc.returncode}:\n{self.agent_logs()}")
 
-        deadline = time.monotonic() + timeout
-        version = since
         last: tuple[str | None, str] = (None, "")
-        while (left := deadline - time.monotonic()) > 0:
-            alive()
-            w = watch.Watch()
-            try:
-                for event in w.stream(
-                    self.core.list_node,
-                    field_selector=f"metadata.name={self.name}",
-                    resource_version=version,
-                    timeout_seconds=max(1, min(5, int(left))),
-                ):
-                    node = event["object"]
-                    version = node.metadata.resource_version
-                    last = (
-                        (node.metadata.labels or {}).get(keys.LABEL_MIG_STATE),
-                        (node.metadata.annotations or {}).get(keys.ANNOTATION_REASON, ""),
-                    )
-                    if last[0] == state and reason_has in last[1]:
-                        w.stop()
-                        return last[1]
-            except ApiException as exc:
-                if exc.status != 410:
-                    raise
-                version = None  # too old to resume from (not within a test): the node as it is now
+
+        def reached(node: Any) -> bool:
+            nonlocal last
+            last = (
+                (node.metadata.labels or {}).get(keys.LABEL_MIG_STATE),
+                (node.metadata.annotations or {}).get(keys.ANNOTATION_REASON, ""),
+            )
+            return last[0] == state and reason_has in last[1]
+
+        if watch_node(self.api, self.name, reached, timeout=timeout, since=since, check=alive) is not None:
+            return last[1]
         raise AssertionError(
             f"state {state} ({reason_has}) not reached in {timeout}s; last seen {last}; now {self.state()}\n"
             f"{self.agent_logs()}"
