@@ -14,6 +14,7 @@ from kubernetes import watch
 from kubernetes.client import ApiException
 
 from devcluster.kubeconfig import token_client
+from migcore import keys
 from migcore.catalog import Product, UnknownProductError, load_catalog
 
 #: The annotation kwok's node selector is configured with (``ControlPlane.start_workloads``).
@@ -383,3 +384,29 @@ def watch_node(
                 raise
             version = None  # too old to resume from (not within a test): the node as it is now
     return None
+
+
+def wait_for_mig_state(
+    api: Any,
+    name: str,
+    state: str,
+    reason_has: str,
+    *,
+    timeout: float,
+    since: str | None = None,
+    check: Callable[[], None] | None = None,
+) -> tuple[bool, tuple[str | None, str]]:
+    """Watch (:func:`watch_node`) until the node's `nvidia.com/mig.config.state` is ``state`` with a
+    reason containing ``reason_has``. Returns (reached, (last state, last reason) seen)."""
+    last: tuple[str | None, str] = (None, "")
+
+    def reached(node: Any) -> bool:
+        nonlocal last
+        last = (
+            (node.metadata.labels or {}).get(keys.LABEL_MIG_STATE),
+            (node.metadata.annotations or {}).get(keys.ANNOTATION_REASON, ""),
+        )
+        return last[0] == state and reason_has in last[1]
+
+    found = watch_node(api, name, reached, timeout=timeout, since=since, check=check)
+    return found is not None, last

@@ -30,7 +30,7 @@ from kubernetes.client import ApiException
 
 from devcluster import binaries
 from devcluster.deviceplugin.server import DevicePlugins, wait_for_capacity
-from devcluster.helpers import gfd_labels, watch_node
+from devcluster.helpers import gfd_labels, wait_for_mig_state
 from devcluster.images import ImageArchive
 from devcluster.node import RealNode
 from devcluster.processes import wait_until
@@ -146,17 +146,10 @@ class Release:
 
     def wait_state(self, state: str, reason_has: str, since: str, timeout: float = 120) -> str:
         """Watch the node from `since` until the state label is `state` with a matching reason."""
-        last: tuple[str | None, str] = (None, "")
-
-        def reached(node: Any) -> bool:
-            nonlocal last
-            last = (
-                (node.metadata.labels or {}).get(keys.LABEL_MIG_STATE),
-                (node.metadata.annotations or {}).get(keys.ANNOTATION_REASON, ""),
-            )
-            return last[0] == state and reason_has in last[1]
-
-        if watch_node(self.api, self.node.name, reached, timeout=timeout, since=since) is None:
+        reached, last = wait_for_mig_state(
+            self.api, self.node.name, state, reason_has, timeout=timeout, since=since
+        )
+        if not reached:
             raise AssertionError(
                 f"state {state} ({reason_has}) not reached; last {last}\n{self.reconciler_log()}"
             )

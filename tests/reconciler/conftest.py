@@ -21,7 +21,7 @@ from kubernetes import client as k8s
 from kubernetes import watch
 
 from devcluster.faultproxy import FaultProxy
-from devcluster.helpers import create_gpu_node, ensure_namespace, service_account_client, watch_node
+from devcluster.helpers import create_gpu_node, ensure_namespace, service_account_client, wait_for_mig_state
 from devcluster.kubeconfig import kubeconfig_dict, write_kubeconfig
 from devcluster.processes import wait_until
 from migcore import keys
@@ -181,17 +181,10 @@ class GpuNode:
                 if proc.poll() not in (None, -signal.SIGKILL, -signal.SIGTERM, 0):
                     raise AssertionError(f"agent exited with {proc.returncode}:\n{self.agent_logs()}")
 
-        last: tuple[str | None, str] = (None, "")
-
-        def reached(node: Any) -> bool:
-            nonlocal last
-            last = (
-                (node.metadata.labels or {}).get(keys.LABEL_MIG_STATE),
-                (node.metadata.annotations or {}).get(keys.ANNOTATION_REASON, ""),
-            )
-            return last[0] == state and reason_has in last[1]
-
-        if watch_node(self.api, self.name, reached, timeout=timeout, since=since, check=alive) is not None:
+        reached, last = wait_for_mig_state(
+            self.api, self.name, state, reason_has, timeout=timeout, since=since, check=alive
+        )
+        if reached:
             return last[1]
         raise AssertionError(
             f"state {state} ({reason_has}) not reached in {timeout}s; last seen {last}; now {self.state()}\n"
