@@ -46,6 +46,7 @@ from migcore.check import CheckResult, check_config, hardware_from_report
 from migcore.config import ConfigError, MigPartedConfig
 from migcore.geometry import GpuGeometry
 from migcore.hardware import NodeGpus
+from migcore.hold import HoldMode
 from migcore.planning import GpuPlan, NodePlan, Operation, desired_geometries, plan_node, pods_to_move
 from reconciler.api_retry import API_ERRORS, RetryPolicy, retrying
 from reconciler.config_source import ConfigSource
@@ -54,7 +55,7 @@ from reconciler.eviction import EvictionError, Evictor
 from reconciler.gpu_access import GpuAccess, GpuError
 from reconciler.gpu_apply import apply_with_rollback, clear_pending_mode, roll_back
 from reconciler.metrics import Metrics
-from reconciler.node_state import HoldMode, NodeEdit, NodeState
+from reconciler.node_state import NodeEdit, NodeState
 from reconciler.operands import Operands, OperandTimeoutError, to_pause
 from reconciler.operands import describe as describe_operands
 from reconciler.ownership import claim_report
@@ -128,7 +129,7 @@ class RebootRefusedError(Exception):
 @dataclass
 class Settings:
     node_name: str
-    hold_mode: HoldMode = "taint"
+    hold_mode: HoldMode = HoldMode.TAINT
     operands_namespace: str = "gpu-operator"
     operand_timeout: float = 300.0
     eviction_timeout: float = 300.0

@@ -22,7 +22,15 @@ from kubernetes import client as k8s
 from kubernetes.client import ApiException
 
 from migcore import keys
-from migcore.hold import HoldRecord
+from migcore.hold import (
+    BY_RECONCILER,
+    HoldMode,
+    HoldRecord,
+    decide_hold,
+    decide_release,
+    with_hold_taint,
+    without_hold_taint,
+)
 from reconciler.api_retry import API_ERRORS
 
 log = logging.getLogger(__name__)
@@ -37,7 +45,6 @@ FIELD_MANAGER = "mig-guard-reconciler"
 T = TypeVar("T")
 _UNREAD: Any = object()
 ConditionStatus = Literal["True", "False", "Unknown"]
-HoldMode = Literal["taint", "cordon"]
 
 # Condition reason (CamelCase, as Kubernetes conventions ask) per state label value.
 CONDITION_BY_STATE: dict[str, tuple[ConditionStatus, str]] = {
@@ -294,29 +301,24 @@ def _body(node: Any, edit: NodeEdit) -> dict[str, Any] | None:
             labels[key] = value
     spec: dict[str, Any] = {}
     taints = _taints(node)
+    unschedulable = bool(node.spec and node.spec.unschedulable)
     recorded = HoldRecord.recorded(annotations_now.get(keys.ANNOTATION_HOLD))
-    if edit.take_hold is not None and recorded is None:
+    if edit.take_hold is not None and recorded is None:  # a hold recorded (the webhook's) stays
         mode, config = edit.take_hold
-        taint = cordon = False
-        if mode == "taint":
-            taint = True
-            if not any(t["key"] == keys.TAINT_KEY for t in taints):
-                spec["taints"] = [
-                    *taints,
-                    {"key": keys.TAINT_KEY, "value": config, "effect": keys.TAINT_EFFECT},
-                ]
-        elif not (node.spec and node.spec.unschedulable):
-            cordon = True
+        hold = decide_hold(mode, config, by=BY_RECONCILER, at=now_rfc3339(), unschedulable=unschedulable)
+        held = with_hold_taint(taints, config) if hold.taint else None
+        if held is not None:
+            spec["taints"] = held
+        if hold.cordon and not unschedulable:
             spec["unschedulable"] = True
-        record = HoldRecord(taint=taint, cordon=cordon, config=config, by="reconciler", at=now_rfc3339())
-        annotations[keys.ANNOTATION_HOLD] = record.to_annotation()
+        annotations[keys.ANNOTATION_HOLD] = hold.record.to_annotation()
     if edit.lift_hold:
-        # The taint key is mig-guard's own: nobody else sets it, so it always goes.
-        if any(t["key"] == keys.TAINT_KEY for t in taints):
-            spec["taints"] = [t for t in taints if t["key"] != keys.TAINT_KEY] or None
-        if recorded is not None and recorded.cordon and node.spec and node.spec.unschedulable:
+        release = decide_release(recorded, taints, unschedulable)
+        if release.untaint:
+            spec["taints"] = without_hold_taint(taints) or None
+        if release.uncordon:
             spec["unschedulable"] = None
-        if recorded is not None:
+        if release.forget:
             annotations[keys.ANNOTATION_HOLD] = None
     labels = {k: v for k, v in labels.items() if labels_now.get(k) != v}
     annotations = {k: v for k, v in annotations.items() if annotations_now.get(k) != v}

@@ -6,8 +6,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
+from migcore.hold import HoldMode
 from webhook.configmap_guard import ConfigMapGuard
-from webhook.mutation import HoldMode, mutation_patch
+from webhook.mutation import mutation_patch
 from webhook.node_view import NodeView
 from webhook.review import AdmissionRequest, ReviewError
 from webhook.validation import ConfigView, NodeChange, NodeRules

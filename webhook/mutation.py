@@ -18,23 +18,21 @@ Two writes get less:
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
-from typing import Any
 
 from migcore import keys
-from migcore.hold import HoldRecord
+from migcore.hold import (
+    BY_WEBHOOK,
+    HoldMode,
+    HoldRecord,
+    decide_hold,
+    hold_taint,
+    hold_taint_index,
+    pending_reason,
+)
 from webhook.admission_types import PatchOperation
-from webhook.hold_record import BY_WEBHOOK, pending_reason
 from webhook.node_view import NodeView
 from webhook.validation import NodeChange
-
-
-class HoldMode(enum.StrEnum):
-    """How a node is kept free of new pods while its GPUs are repartitioned."""
-
-    TAINT = "taint"
-    CORDON = "cordon"
 
 
 def pointer(*parts: str) -> str:
@@ -42,34 +40,17 @@ def pointer(*parts: str) -> str:
     return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def _hold_record(change: NodeChange, mode: HoldMode, creating: bool, now: str) -> HoldRecord:
-    config = change.new.mig_config
-    if creating:  # nothing in the new object is trusted (see the module docstring)
-        return HoldRecord(True, False, config, BY_WEBHOOK, now)
-    # On UPDATE the stored object's record counts, whoever wrote it (the reconciler too; a user
-    # cannot fake it in the request).
-    previous = HoldRecord.from_annotation(change.old.annotations.get(keys.ANNOTATION_HOLD))
-    if mode is HoldMode.TAINT:
-        cordon = previous.cordon if previous else False
-        return HoldRecord(True, cordon, config, BY_WEBHOOK, now)
-    # True only if mig-guard cordons it now, or already did for an earlier change.
-    cordon = (previous is not None and previous.cordon) or not change.old.unschedulable
-    taint = previous.taint if previous else False
-    return HoldRecord(taint, cordon, config, BY_WEBHOOK, now)
-
-
 def _taint_ops(node: NodeView, config: str) -> list[PatchOperation]:
-    wanted: dict[str, Any] = {"key": keys.TAINT_KEY, "value": config, "effect": keys.TAINT_EFFECT}
-    for index, taint in enumerate(node.taints):
-        if taint.get("key") == keys.TAINT_KEY and taint.get("effect") == keys.TAINT_EFFECT:
-            if taint.get("value") == config:
-                return []
-            return [{"op": "add", "path": pointer("spec", "taints", str(index), "value"), "value": config}]
+    index = hold_taint_index(node.taints)
+    if index is not None:
+        if node.taints[index].get("value") == config:
+            return []
+        return [{"op": "add", "path": pointer("spec", "taints", str(index), "value"), "value": config}]
     if not node.has_spec:
-        return [{"op": "add", "path": "/spec", "value": {"taints": [wanted]}}]
+        return [{"op": "add", "path": "/spec", "value": {"taints": [hold_taint(config)]}}]
     if not node.taints:
-        return [{"op": "add", "path": "/spec/taints", "value": [wanted]}]
-    return [{"op": "add", "path": "/spec/taints/-", "value": wanted}]
+        return [{"op": "add", "path": "/spec/taints", "value": [hold_taint(config)]}]
+    return [{"op": "add", "path": "/spec/taints/-", "value": hold_taint(config)}]
 
 
 def _cordon_ops(node: NodeView) -> list[PatchOperation]:
@@ -105,18 +86,30 @@ def mutation_patch(change: NodeChange, mode: HoldMode, creating: bool, now: str)
         return ops + _map_ops(
             "annotations", node.annotations, {keys.ANNOTATION_REASON: pending_reason(config)}
         )
-    record = _hold_record(change, mode, creating, now)
-    current_text = node.annotations.get(keys.ANNOTATION_HOLD)
-    current = HoldRecord.from_annotation(current_text)
-    keep = current_text is not None and current is not None and current.same_hold(record)
-    hold_text = current_text if keep and current_text is not None else record.to_annotation()
+    # On UPDATE the stored object's record counts, whoever wrote it (the reconciler too; a user
+    # cannot fake it in the request); on CREATE nothing in the new object is trusted.
+    previous = (
+        None if creating else HoldRecord.from_annotation(change.old.annotations.get(keys.ANNOTATION_HOLD))
+    )
+    hold = decide_hold(
+        mode,
+        config,
+        by=BY_WEBHOOK,
+        at=now,
+        unschedulable=change.old.unschedulable,
+        previous=previous,
+        creating=creating,
+    )
     ops += _map_ops(
         "annotations",
         node.annotations,
-        {keys.ANNOTATION_HOLD: hold_text, keys.ANNOTATION_REASON: pending_reason(config)},
+        {
+            keys.ANNOTATION_HOLD: hold.record.annotation_over(node.annotations.get(keys.ANNOTATION_HOLD)),
+            keys.ANNOTATION_REASON: pending_reason(config),
+        },
     )
-    if mode is HoldMode.TAINT or creating:
+    if hold.taint:
         ops += _taint_ops(node, config)
-    else:
+    if hold.cordon:
         ops += _cordon_ops(node)
     return ops

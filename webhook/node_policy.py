@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from migcore import keys
+from migcore.hold import BY_WEBHOOK, pending_reason
 from webhook import cel
-from webhook.hold_record import BY_WEBHOOK, pending_reason
 
 HOLD_PATTERN = (
     r'^\\{"at":"[0-9TZ:.+-]*","by":"' + BY_WEBHOOK + r'","config":"[A-Za-z0-9._-]*",'

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from migcore.hold import HoldMode
 from webhook.config_source import DEFAULT_CONFIGMAP_NAME, DEFAULT_CONFIGMAP_NAMESPACE, ConfigMapRef
 from webhook.configmap_guard import GuardMode
-from webhook.mutation import HoldMode
 
 # Two objects of up to etcd's 1.5 MiB each (object and oldObject) plus the envelope: a legitimate
 # review of a large Node must never be refused (failurePolicy Fail would block the write).

@@ -24,8 +24,7 @@ from dataclasses import dataclass, replace
 from migcore import keys
 from migcore.check import check_config, closest_names, valid_config_names
 from migcore.config import MigPartedConfig
-from migcore.hold import HoldRecord
-from webhook.hold_record import BY_WEBHOOK, pending_reason
+from migcore.hold import BY_WEBHOOK, HoldRecord, pending_reason
 from webhook.node_hardware import HardwareFinding, HardwareResolver
 from webhook.node_view import NodeView, changed_protected_keys
 from webhook.verdict import CODE_FORBIDDEN, CODE_INVALID, Verdict, shorten

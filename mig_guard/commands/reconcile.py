@@ -16,6 +16,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from migcore.hold import HoldMode
 from reconciler.api_retry import RetryPolicy, retrying
 from reconciler.config_source import DEFAULT_KEY, ConfigMapConfigSource, ConfigSource, FileConfigSource
 from reconciler.gpu_backend import make_gpu_access
@@ -60,7 +61,10 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--kubeconfig", metavar="F", help="default: in-cluster config, else ~/.kube/config")
     parser.add_argument(
-        "--hold", choices=("taint", "cordon"), default="taint", help="how to keep pods off during a change"
+        "--hold",
+        choices=[m.value for m in HoldMode],
+        default=HoldMode.TAINT.value,
+        help="how to keep pods off during a change",
     )
     parser.add_argument("--podresources-socket", default=DEFAULT_SOCKET, metavar="PATH")
     parser.add_argument(
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         source = FileConfigSource(args.mig_config_file)
     settings = Settings(
         node_name=args.node_name,
-        hold_mode=args.hold,
+        hold_mode=HoldMode(args.hold),
         operands_namespace=args.operands_namespace,
         operand_timeout=args.operand_timeout,
         eviction_timeout=args.eviction_timeout,

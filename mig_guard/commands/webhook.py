@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from migcore.config import ConfigError, load_config_file
+from migcore.hold import HoldMode
 from webhook.config_source import (
     DEFAULT_CONFIGMAP_KEY,
     DEFAULT_CONFIGMAP_NAME,
@@ -24,7 +25,6 @@ from webhook.config_source import (
     ConfigMapRef,
 )
 from webhook.configmap_guard import GuardMode
-from webhook.mutation import HoldMode
 from webhook.settings import WebhookSettings
 
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from webhook_harness import annotate, apply_patch, gfd_labels, node, relabel
 
 from migcore import keys
-from migcore.hold import HoldRecord
-from webhook.mutation import HoldMode, mutation_patch, pointer
+from migcore.hold import HoldMode, HoldRecord
+from webhook.mutation import mutation_patch, pointer
 from webhook.node_view import NodeView
 from webhook.validation import NodeChange
 

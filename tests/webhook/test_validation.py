@@ -8,8 +8,7 @@ from webhook_harness import A100, annotate, gfd_labels, node, relabel
 from migcore import keys
 from migcore.catalog import load_catalog
 from migcore.hardware import DiscoveredGpu, NodeGpus
-from migcore.hold import HoldRecord
-from webhook.hold_record import pending_reason
+from migcore.hold import HoldRecord, pending_reason
 from webhook.node_hardware import HardwareResolver
 from webhook.node_view import NodeView
 from webhook.validation import ConfigView, NodeChange, NodeRules
