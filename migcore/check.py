@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from migcore import keys
 from migcore.catalog import Catalog, Product, UnknownProductError, format_pci_device_id, load_catalog
 from migcore.config import ConfigEntry, DeviceFilter, MigPartedConfig
 from migcore.driver_table import MigTable, compare, table_product, unread_compute_profiles
@@ -35,10 +36,13 @@ from migcore.geometry import GpuGeometry
 from migcore.hardware import DiscoveredGpu, NodeGpus
 from migcore.placement import fit
 from migcore.profiles import MigProfile, ProfileError, parse_profile
+from migcore.wording import gpus_text, names_text, shorten
 
 SOURCE_LABELS = "labels"
 SOURCE_REPORT = "report"
-VALID_NAMES_SHOWN = 5
+VALID_NAMES_SHOWN = 6
+NAME_SHOWN_CHARS = 80
+DEFAULT_ORIGIN = "the mig-parted config"
 _MEMO_SIZE = 4096
 
 
@@ -265,7 +269,7 @@ class CheckResult:
             groups.setdefault(text, []).append(gpu.index)
         everyone = len(groups) == 1
         return "; ".join(
-            f"{_gpu_ranges(indexes, everyone and not self.gpu_count_known)}: {text}"
+            f"{_gpus(indexes, everyone and not self.gpu_count_known)}: {text}"
             for text, indexes in groups.items()
         )
 
@@ -287,20 +291,8 @@ def _fold(text: str) -> str:
     return text.casefold().replace("_", "-").replace(" ", "-")
 
 
-def _gpu_ranges(indexes: list[int], all_gpus: bool = False) -> str:
-    if all_gpus:
-        return "every GPU"
-    ordered = sorted(set(indexes))
-    parts: list[str] = []
-    start = prev = ordered[0]
-    for index in [*ordered[1:], None]:
-        if index is not None and index == prev + 1:
-            prev = index
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if index is not None:
-            start = prev = index
-    return ("GPU " if len(ordered) == 1 else "GPUs ") + ",".join(parts)
+def _gpus(indexes: list[int], all_gpus: bool = False) -> str:
+    return "every GPU" if all_gpus else gpus_text(indexes)
 
 
 def _filter_applies(filters: tuple[DeviceFilter, ...], gpu: GpuTarget) -> bool:
@@ -345,7 +337,7 @@ class _Report:
         lines = []
         for (gpu_name, text), indexes in grouped.items():
             everyone = not self.count_known and len(indexes) == len(self.gpus)
-            lines.append(f'config "{self.name}" on {gpu_name} ({_gpu_ranges(indexes, everyone)}): {text}')
+            lines.append(f'config "{self.name}" on {gpu_name} ({_gpus(indexes, everyone)}): {text}')
         return lines
 
     def errors(self) -> tuple[str, ...]:
@@ -544,7 +536,7 @@ def _check_uncached(config: MigPartedConfig, name: str, hardware: NodeHardware) 
         )
     elif untouched and hardware.gpu_count_known:
         report.plain_warnings.append(
-            f'config "{name}" leaves {_gpu_ranges(untouched)} untouched (no entry applies to them)'
+            f'config "{name}" leaves {gpus_text(untouched)} untouched (no entry applies to them)'
         )
     errors = report.errors()
     return CheckResult(name, not errors, errors, report.warnings(), tuple(verdicts), hardware.gpu_count_known)
@@ -587,16 +579,39 @@ def _targets(entries: tuple[ConfigEntry, ...]) -> str:
 
 
 def _unknown_name(config: MigPartedConfig, name: str, hardware: NodeHardware) -> CheckResult:
-    text = f'config "{name}" does not exist in the mig-parted config'
+    text = unknown_config_message(config, name, origin=DEFAULT_ORIGIN, hardware=hardware)
+    return CheckResult(name, False, (text,), (), (), hardware.gpu_count_known)
+
+
+def quoted_name(name: str) -> str:
+    """`nvidia.com/mig.config="NAME"`, the name cut to fit a message."""
+    return f'{keys.LABEL_MIG_CONFIG}="{shorten(name, NAME_SHOWN_CHARS)}"'
+
+
+def valid_names_text(names: list[str], intro: str) -> str:
+    """` Valid for X: a, b and 3 more` ('' when there are none)."""
+    return f"{intro}: {names_text(names, VALID_NAMES_SHOWN)}" if names else ""
+
+
+def unknown_config_message(
+    config: MigPartedConfig,
+    name: str,
+    *,
+    origin: str,
+    hardware: NodeHardware | None,
+    where: str | None = None,
+) -> str:
+    """The one message for a layout name that is no config in `origin` (the CLI's, the webhook's
+    and the reconciler's): the closest names, then, when the GPUs are known, the configs valid for
+    them (`where` names them; by default their description)."""
+    text = f"{quoted_name(name)} is not a config in {origin}"
     close = closest_names(name, config.names())
     if close:
         text += f"; did you mean {', '.join(close)}?"
-    valid = [n for n in valid_config_names(config, hardware) if n not in close]
-    if valid:
-        shown = ", ".join(valid[:VALID_NAMES_SHOWN])
-        more = f" and {len(valid) - VALID_NAMES_SHOWN} more" if len(valid) > VALID_NAMES_SHOWN else ""
-        text += f" Valid for {hardware.describe()}: {shown}{more}"
-    return CheckResult(name, False, (text,), (), (), hardware.gpu_count_known)
+    if hardware is not None:
+        valid = [n for n in valid_config_names(config, hardware) if n not in close]
+        text += valid_names_text(valid, f" Valid for {where or hardware.describe()}")
+    return text
 
 
 class _Memo:

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol, TypeVar, get_args
 from migcore.catalog import load_catalog
 from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec
 from migcore.profiles import parse_profile
+from migcore.wording import index_ranges
 
 OpName = Literal["set-mig-mode", "reset-gpu", "destroy-ci", "destroy-gi", "create-gi", "create-ci"]
 OP_NAMES: tuple[str, ...] = get_args(OpName)
@@ -158,23 +159,8 @@ class NodePlan:
         lines = [gpu.describe() for gpu in changed]
         unchanged = [gpu.index for gpu in self.gpus if not gpu.changes]
         if unchanged:
-            lines.append(f"unchanged: GPU {_ranges(unchanged)}")
+            lines.append(f"unchanged: GPU {index_ranges(unchanged)}")
         return self.summary() + "; " + "; ".join(lines)
-
-
-def _ranges(indexes: Sequence[int]) -> str:
-    """`0-3,6`: compact GPU index lists for one-line messages."""
-    out: list[str] = []
-    for _, group in itertools.groupby(enumerate(sorted(indexes)), lambda pair: pair[1] - pair[0]):
-        run = [i for _, i in group]
-        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return ",".join(out)
-
-
-def _destroy_gi(gpu: int, gi: GpuInstanceSpec) -> list[Operation]:
-    ops = [Operation("destroy-ci", gpu, ci.profile, ci.start, gi.start) for ci in gi.compute]
-    ops.append(Operation("destroy-gi", gpu, gi.profile, gi.start))
-    return ops
 
 
 def _plan_mode_change(index: int, current: GpuGeometry, desired: GpuGeometry) -> GpuPlan:
@@ -258,7 +244,9 @@ def plan_node(current: Mapping[int, GpuGeometry], desired: Mapping[int, GpuGeome
     """A plan for every GPU in `current`; GPUs absent from `desired` are untouched."""
     missing = sorted(set(desired) - set(current))
     if missing:
-        raise ValueError(f"the desired layout names GPU {_ranges(missing)}, which the node does not have")
+        raise ValueError(
+            f"the desired layout names GPU {index_ranges(missing)}, which the node does not have"
+        )
     return NodePlan(tuple(plan_gpu(i, current[i], desired.get(i, current[i])) for i in sorted(current)))
 
 

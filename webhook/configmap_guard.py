@@ -17,11 +17,12 @@ from typing import Any, Protocol
 from migcore import keys
 from migcore.check import check_config
 from migcore.config import ConfigError, MigPartedConfig, parse_config
+from migcore.wording import shorten
 from webhook.config_source import ConfigMapRef
 from webhook.node_hardware import HardwareResolver
 from webhook.node_view import NodeView
 from webhook.review import AdmissionRequest, ReviewError
-from webhook.verdict import CODE_INVALID, Verdict, shorten
+from webhook.verdict import CODE_INVALID, Verdict
 
 NODES_NAMED = 5
 

@@ -22,16 +22,22 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 from migcore import keys
-from migcore.check import check_config, closest_names, valid_config_names
+from migcore.check import (
+    NAME_SHOWN_CHARS,
+    check_config,
+    quoted_name,
+    unknown_config_message,
+    valid_config_names,
+    valid_names_text,
+)
 from migcore.config import MigPartedConfig
 from migcore.hold import BY_WEBHOOK, HoldRecord, pending_reason
+from migcore.wording import shorten
 from webhook.node_hardware import HardwareFinding, HardwareResolver
 from webhook.node_view import NodeView, changed_protected_keys
-from webhook.verdict import CODE_FORBIDDEN, CODE_INVALID, Verdict, shorten
+from webhook.verdict import CODE_FORBIDDEN, CODE_INVALID, Verdict
 from webhook.writers import ReconcilerIdentities
 
-NAME_SHOWN_CHARS = 80
-VALID_SHOWN = 6
 VERDICT_CACHE_SIZE = 1024
 # Stands for the node's name in memoised messages (filled in per request).
 NODE_NAME_SLOT = "\x00node\x00"
@@ -70,10 +76,6 @@ class NodeChange:
         return self.new.name or self.old.name
 
 
-def _quoted(name: str) -> str:
-    return f'"{shorten(name, NAME_SHOWN_CHARS)}"'
-
-
 class NodeRules:
     """Judges Node CREATE/UPDATE requests against the config in use."""
 
@@ -84,13 +86,6 @@ class NodeRules:
         self.reconcilers = ReconcilerIdentities(reconciler_users, allow_unbound)
         self._verdicts: OrderedDict[tuple[object, ...], Verdict] = OrderedDict()
         self._lock = threading.Lock()
-
-    @staticmethod
-    def _valid_text(valid: list[str], intro: str) -> str:
-        if not valid:
-            return ""
-        more = f" and {len(valid) - VALID_SHOWN} more" if len(valid) > VALID_SHOWN else ""
-        return f"{intro}: {', '.join(valid[:VALID_SHOWN])}{more}"
 
     def config_verdict(self, change: NodeChange, config: ConfigView) -> Verdict:
         """Rules 1 to 4: the verdict on the `nvidia.com/mig.config` value alone.
@@ -131,24 +126,21 @@ class NodeRules:
         return replace(before, warnings=(*before.warnings, note))
 
     def _config_verdict(self, name: str, finding: HardwareFinding, config: ConfigView) -> Verdict:
-        label = f"{keys.LABEL_MIG_CONFIG}={_quoted(name)}"
         if name not in config.config.configs:
-            text = f"{label} is not a config in {config.origin}"
-            close = closest_names(name, config.config.names())
-            if close:
-                text += f"; did you mean {', '.join(close)}?"
-            if finding.hardware is not None:
-                valid = [n for n in valid_config_names(config.config, finding.hardware) if n not in close]
-                text += self._valid_text(valid, f" Valid for node {NODE_NAME_SLOT} ({finding.source})")
+            text = unknown_config_message(
+                config.config,
+                name,
+                origin=config.origin,
+                hardware=finding.hardware,
+                where=f"node {NODE_NAME_SLOT} ({finding.source})",
+            )
             return Verdict.deny(CODE_INVALID, text)
         if finding.hardware is None:
             return Verdict.allow(warnings=finding.warnings)
         result = check_config(config.config, name, finding.hardware)
         if not result.valid:
-            message = (
-                f"{label} does not fit node {NODE_NAME_SLOT} ({finding.source}): {'; '.join(result.errors)}."
-            )
-            message += self._valid_text(
+            message = f"{quoted_name(name)} does not fit node {NODE_NAME_SLOT} ({finding.source}): {'; '.join(result.errors)}."
+            message += valid_names_text(
                 valid_config_names(config.config, finding.hardware), " Valid for this node"
             )
             return Verdict.deny(CODE_INVALID, message, warnings=finding.warnings)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from migcore.wording import shorten
 from webhook.admission_types import (
     API_VERSION,
     KIND,
@@ -26,18 +27,6 @@ MAX_MESSAGE_CHARS = 2000
 
 CODE_INVALID = 400
 CODE_FORBIDDEN = 403
-
-
-def shorten(text: str, limit: int) -> str:
-    """`text` cut to `limit` characters at a word boundary, with an ellipsis when cut."""
-    text = " ".join(text.split())
-    if len(text) <= limit:
-        return text
-    cut = text[: limit - 1]
-    space = cut.rfind(" ")
-    if space > limit // 2:
-        cut = cut[:space]
-    return cut.rstrip(" ,;:") + "…"
 
 
 @dataclass(frozen=True)

@@ -289,7 +289,7 @@ def test_unknown_name_suggests_names_and_valid_configs() -> None:
     result = check_config(DEFAULT, "all-1g-5gb", hardware_from_labels(CATALOG, A100, 8))
     (error,) = result.errors
     assert error.startswith(
-        'config "all-1g-5gb" does not exist in the mig-parted config; did you mean all-1g.5gb'
+        'nvidia.com/mig.config="all-1g-5gb" is not a config in the mig-parted config; did you mean all-1g.5gb'
     )
     assert "Valid for NVIDIA-A100-SXM4-40GB x8: all-disabled, all-enabled" in error
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import json
 
-from webhook.verdict import MAX_WARNING_CHARS, Verdict, shorten
+from migcore.wording import shorten
+from webhook.verdict import MAX_WARNING_CHARS, Verdict
 
 
 def test_denial_carries_uid_envelope_code_and_message() -> None:
