@@ -22,6 +22,12 @@ class ComputeInstanceSpec:
     start: int
 
 
+def slot_mask(start: int, size: int) -> int:
+    """The bit mask of `size` slots from `start` (placement-grid units for a GPU instance, compute
+    slices for a compute instance): how every placement search tests for overlap."""
+    return ((1 << size) - 1) << start
+
+
 @dataclass(frozen=True, order=True)
 class GpuInstanceSpec:
     """A GPU instance at `start` (placement-grid units), covering `size` units, with its CIs."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from migcore.catalog import ComputeProfile, GpuInstanceProfile, Product, ProfileNotOnProductError
-from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec
+from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec, slot_mask
 from migcore.profiles import MigProfile
 
 
@@ -65,7 +65,7 @@ def _contents(gi: GpuInstanceProfile, cis: tuple[ComputeProfile, ...]) -> tuple[
             if counts[j] >= ci.max_count:
                 continue
             for start in ci.placements(gi.slices):
-                mask = ((1 << ci.slices) - 1) << start
+                mask = slot_mask(start, ci.slices)
                 if used & mask:
                     continue
                 # Named as mig-parted reads it back: the GI's attributes kept (`1g.5gb+me`).
@@ -205,7 +205,7 @@ def _search(gis: list[_PendingGi], grid: int) -> list[int] | None:
     profiles = [gis[i].profile for i in order]
     starts: list[int] = [0] * len(order)
     dead: set[tuple[int, int, int]] = set()
-    full = (1 << grid) - 1
+    full = slot_mask(0, grid)
 
     def place(k: int, occupied: int, min_start: int) -> bool:
         if k == len(profiles):
@@ -213,11 +213,10 @@ def _search(gis: list[_PendingGi], grid: int) -> list[int] | None:
         if (k, occupied, min_start) in dead:
             return False
         profile = profiles[k]
-        mask0 = (1 << profile.placement_size) - 1
         for start in profile.placements:
             if start < min_start:
                 continue  # identical profiles are placed in increasing order (no symmetric retries)
-            mask = mask0 << start
+            mask = slot_mask(start, profile.placement_size)
             if occupied & mask or mask & ~full:
                 continue
             starts[k] = start

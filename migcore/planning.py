@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
-from migcore.catalog import load_catalog
-from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec
+from migcore.catalog import aligned_compute_starts, load_catalog
+from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec, slot_mask
 from migcore.profiles import parse_profile
 from migcore.wording import index_ranges
 
@@ -318,14 +318,6 @@ def _catalog_starts(profile: str, size: int) -> frozenset[int] | None:
     return found
 
 
-def _ci_starts(ci_profile: str, gi_profile: str) -> range:
-    """NVML aligns a C-slice CI to the next power of two inside its GI (migcore.catalog)."""
-    slices = parse_profile(ci_profile).compute_slices
-    gi_slices = parse_profile(gi_profile).gi_slices
-    step = 1 << (slices - 1).bit_length()
-    return range(0, gi_slices - slices + 1, step)
-
-
 def _rebase_compute(
     gi_profile: str, want: Sequence[ComputeInstanceSpec], have: Sequence[ComputeInstanceSpec]
 ) -> tuple[ComputeInstanceSpec, ...]:
@@ -341,7 +333,7 @@ def _rebase_compute(
             left = needed - kept_counts
             used = 0
             for ci in kept:
-                mask = ((1 << parse_profile(ci.profile).compute_slices) - 1) << ci.start
+                mask = slot_mask(ci.start, parse_profile(ci.profile).compute_slices)
                 if used & mask:
                     break
                 used |= mask
@@ -355,14 +347,15 @@ def _rebase_compute(
 def _place_compute(gi_profile: str, profiles: Sequence[str], used: int) -> list[ComputeInstanceSpec] | None:
     """Starts for `profiles` inside a `gi_profile` GI around the `used` slices (backtracking)."""
     order = sorted(profiles, key=lambda p: -parse_profile(p).compute_slices)
+    gi_slices = parse_profile(gi_profile).gi_slices
     placed: list[ComputeInstanceSpec] = []
 
     def place(k: int, taken: int) -> bool:
         if k == len(order):
             return True
         size = parse_profile(order[k]).compute_slices
-        for start in _ci_starts(order[k], gi_profile):
-            mask = ((1 << size) - 1) << start
+        for start in aligned_compute_starts(size, gi_slices):
+            mask = slot_mask(start, size)
             if not taken & mask:
                 placed.append(ComputeInstanceSpec(order[k], start))
                 if place(k + 1, taken | mask):
@@ -385,7 +378,7 @@ def _place_rest(
             return True
         gi = rest[order[k]]
         for start in candidates[gi]:
-            mask = ((1 << gi.size) - 1) << start
+            mask = slot_mask(start, gi.size)
             if not used & mask:
                 starts[order[k]] = start
                 if place(k + 1, used | mask):
@@ -430,7 +423,7 @@ def keep_in_place(desired: GpuGeometry, current: GpuGeometry) -> GpuGeometry:
                 continue
             occupied = 0
             for old in keep:
-                occupied |= ((1 << old.size) - 1) << old.start
+                occupied |= slot_mask(old.start, old.size)
             paired = {id(new) for _, new in pairs}
             rest = [gi for gi in wanted if id(gi) not in paired]
             starts = _place_rest(rest, occupied, candidates)

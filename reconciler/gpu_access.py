@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from migcore.catalog import Catalog, Product, UnknownProductError, load_catalog
+from migcore.catalog import Catalog, Product, UnknownProductError, aligned_compute_starts, load_catalog
 from migcore.driver_table import (
     ComputeProfileEntry,
     GpuInstanceProfileEntry,
@@ -444,8 +444,7 @@ class GpuAccess:
             except GpuError as exc:
                 if exc.nvml_error not in _NO_TABLE:
                     raise
-                step_size = 1 << (slices - 1).bit_length()
-                starts = tuple(range(0, record.profile.gi_slices - slices + 1, step_size))
+                starts = aligned_compute_starts(slices, record.profile.gi_slices)
             entries.append(
                 ComputeProfileEntry(name, const, int(info.id), slices, int(info.instanceCount), starts)
             )

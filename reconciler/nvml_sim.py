@@ -52,6 +52,7 @@ from migcore.catalog import (
     parse_pci_device_id,
 )
 from migcore.driver_table import DriverTableError, MigTable, table_product
+from migcore.geometry import slot_mask
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -657,7 +658,7 @@ class SimulatedNvml:
     def _occupied(self, gpu: _Gpu) -> int:
         mask = 0
         for gi in gpu.gis.values():
-            mask |= ((1 << gi.size) - 1) << gi.start
+            mask |= slot_mask(gi.start, gi.size)
         return mask
 
     def _why_not(self, gpu: _Gpu, profile: GpuInstanceProfile, start: int) -> str | None:
@@ -668,7 +669,7 @@ class SimulatedNvml:
         same = sum(1 for gi in gpu.gis.values() if gi.profile_const == profile.nvml_profile_id)
         if same >= profile.max_count or len(gpu.gis) >= product.max_instances:
             return "InsufficientResources"
-        mask = ((1 << profile.placement_size) - 1) << start
+        mask = slot_mask(start, profile.placement_size)
         if self._occupied(gpu) & mask:
             return "InsufficientResources"  # nvml.h: fails if the placement overlaps occupied slices
         others = [self._gi_profile(gpu, gi.profile_const) for gi in gpu.gis.values()]
@@ -846,10 +847,10 @@ class SimulatedNvml:
             raise _error("InvalidArgument")
         used = 0
         for ci in gi.cis.values():
-            used |= ((1 << ci.size) - 1) << ci.start
+            used |= slot_mask(ci.start, ci.size)
         same = sum(1 for ci in gi.cis.values() if ci.profile_id == profile_id)
         for candidate in starts if start is None else (start,):
-            mask = ((1 << found.slices) - 1) << candidate
+            mask = slot_mask(candidate, found.slices)
             if not used & mask and same < found.max_count:
                 ci_id = min(set(range(len(gi.cis) + 1)) - set(gi.cis))
                 gi.cis[ci_id] = _Ci(ci_id, profile_id, candidate, found.slices, self._next_uuid(gpu))
