@@ -22,8 +22,7 @@ decided from it: exactly for a GPU no catalog knows, and over the catalog where 
 from __future__ import annotations
 
 import difflib
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,6 +33,7 @@ from migcore.config import ConfigEntry, DeviceFilter, MigPartedConfig
 from migcore.driver_table import MigTable, compare, table_product, unread_compute_profiles
 from migcore.geometry import GpuGeometry
 from migcore.hardware import DiscoveredGpu, NodeGpus
+from migcore.memo import LruCache
 from migcore.placement import fit
 from migcore.profiles import MigProfile, ProfileError, parse_profile
 from migcore.wording import gpus_text, names_text, shorten
@@ -614,43 +614,13 @@ def unknown_config_message(
     return text
 
 
-class _Memo:
-    """A small thread-safe LRU of verdicts (gunicorn threads share it)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[tuple[object, ...], CheckResult] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[object, ...]) -> CheckResult | None:
-        with self._lock:
-            found = self._data.get(key)
-            if found is not None:
-                self._data.move_to_end(key)
-            return found
-
-    def put(self, key: tuple[object, ...], value: CheckResult) -> None:
-        with self._lock:
-            self._data[key] = value
-            if len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-
-_memo = _Memo(_MEMO_SIZE)
+_memo: LruCache[tuple[object, ...], CheckResult] = LruCache(_MEMO_SIZE)
 
 
 def check_config(config: MigPartedConfig, name: str, hardware: NodeHardware) -> CheckResult:
     """Check config `name` for this node; memoised on (config digest, name, hardware)."""
     key = (config.digest, name, hardware.cache_key())
-    found = _memo.get(key)
-    if found is None:
-        found = _check_uncached(config, name, hardware)
-        _memo.put(key, found)
-    return found
+    return _memo.get_or_make(key, lambda: _check_uncached(config, name, hardware))
 
 
 def clear_check_cache() -> None:

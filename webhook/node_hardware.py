@@ -7,14 +7,13 @@ their inputs: the same few products and reports come back on every request.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from migcore import keys
 from migcore.catalog import Catalog, UnknownProductError
 from migcore.check import NodeHardware, hardware_from_labels, hardware_from_report
 from migcore.hardware import HardwareReportError, NodeGpus
+from migcore.memo import LruCache
 from webhook.node_view import NodeView
 
 CACHE_SIZE = 256
@@ -41,25 +40,14 @@ class HardwareResolver:
 
     def __init__(self, catalog: Catalog) -> None:
         self._catalog = catalog
-        self._cache: OrderedDict[tuple[str, ...], HardwareFinding] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: LruCache[tuple[str, ...], HardwareFinding] = LruCache(CACHE_SIZE)
 
     def find(self, node: NodeView) -> HardwareFinding:
         report = node.annotations.get(keys.ANNOTATION_GPUS)
         product = node.labels.get(keys.LABEL_GPU_PRODUCT)
         count = node.labels.get(keys.LABEL_GPU_COUNT)
         cache_key = (report or "", product or "", count or "")
-        with self._lock:
-            hit = self._cache.get(cache_key)
-            if hit is not None:
-                self._cache.move_to_end(cache_key)
-                return hit
-        finding = self._resolve(report, product, count)
-        with self._lock:
-            self._cache[cache_key] = finding
-            if len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
-        return finding
+        return self._cache.get_or_make(cache_key, lambda: self._resolve(report, product, count))
 
     def _resolve(self, report: str | None, product: str | None, count: str | None) -> HardwareFinding:
         warnings: list[str] = []

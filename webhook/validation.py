@@ -16,8 +16,6 @@ Pure: no I/O, no side effects (dry-run requests get the same verdict and store n
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
@@ -32,6 +30,7 @@ from migcore.check import (
 )
 from migcore.config import MigPartedConfig
 from migcore.hold import BY_WEBHOOK, HoldRecord, pending_reason
+from migcore.memo import LruCache
 from migcore.wording import shorten
 from webhook.node_hardware import HardwareFinding, HardwareResolver
 from webhook.node_view import NodeView, changed_protected_keys
@@ -84,8 +83,7 @@ class NodeRules:
     ) -> None:
         self._hardware = hardware
         self.reconcilers = ReconcilerIdentities(reconciler_users, allow_unbound)
-        self._verdicts: OrderedDict[tuple[object, ...], Verdict] = OrderedDict()
-        self._lock = threading.Lock()
+        self._verdicts: LruCache[tuple[object, ...], Verdict] = LruCache(VERDICT_CACHE_SIZE)
 
     def config_verdict(self, change: NodeChange, config: ConfigView) -> Verdict:
         """Rules 1 to 4: the verdict on the `nvidia.com/mig.config` value alone.
@@ -99,16 +97,7 @@ class NodeRules:
         finding = self.hardware(change)
         hardware_key = finding.hardware.cache_key() if finding.hardware is not None else None
         key = (config.config.digest, config.origin, name, hardware_key, finding.source, finding.warnings)
-        with self._lock:
-            cached = self._verdicts.get(key)
-            if cached is not None:
-                self._verdicts.move_to_end(key)
-        if cached is None:
-            cached = self._config_verdict(name, finding, config)
-            with self._lock:
-                self._verdicts[key] = cached
-                if len(self._verdicts) > VERDICT_CACHE_SIZE:
-                    self._verdicts.popitem(last=False)
+        cached = self._verdicts.get_or_make(key, lambda: self._config_verdict(name, finding, config))
         if NODE_NAME_SLOT in cached.message:
             return replace(cached, message=cached.message.replace(NODE_NAME_SLOT, change.node_name))
         return cached
