@@ -75,7 +75,7 @@ def _report_text(name: str, pci: int, memory: int | None, table: MigTable) -> st
 
 def _reports(catalog: Catalog) -> list[tuple[str, str, MigPartedConfig]]:
     """(what, annotation text, config) for the driver-table cases."""
-    default = load_config_file(CONFIG)
+    default = load_config_file(CONFIG, load_catalog())
     out = []
     for key in ("A100-40GB", "H100-80GB", "H200-141GB"):
         product = catalog.products[key]
@@ -86,7 +86,7 @@ def _reports(catalog: Catalog) -> list[tuple[str, str, MigPartedConfig]]:
     raw = json.loads(X100_REPORT.read_text())
     x100 = _report_text("NVIDIA X100", 0x2FFF10DE, 98304, MigTable.from_json(raw["migTables"][0]))
     x100_configs = X100_CONFIGS.read_text().split("mig-configs:\n", 1)[1]
-    with_x100 = parse_config(CONFIG.read_text().rstrip("\n") + "\n" + x100_configs)
+    with_x100 = parse_config(CONFIG.read_text().rstrip("\n") + "\n" + x100_configs, load_catalog())
     out.append(("X100, in no catalog (driver table)", x100, with_x100))
     return out
 
@@ -113,7 +113,7 @@ def _row(label: str, figures: tuple[list[float], list[float], list[float]]) -> s
 
 def main() -> int:
     catalog = load_catalog()
-    config = load_config_file(CONFIG)
+    config = load_config_file(CONFIG, load_catalog())
     names = config.names()
     print(f"{len(names)} configs of {CONFIG.name}, {REPEATS} runs each; figures in microseconds")
     print(f"{'hardware (8 GPUs)':<46} {'cached med/max':>15} {'uncached med/max':>17} {'cold med/max':>15}")

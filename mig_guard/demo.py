@@ -35,12 +35,12 @@ from devcluster import binaries
 from devcluster.controlplane import ControlPlane, free_port
 from devcluster.helpers import create_gpu_node, ensure_namespace, gfd_labels, gpu_model_file, pod_bound_token
 from devcluster.kubeconfig import kubeconfig_dict, write_kubeconfig
+from kube.config_source import ConfigMapRef
 from migcore import keys
 from migcore.catalog import sanitise_product_name
 from migcore.hardware import NodeGpus
 from reconciler.nvml_sim import SimulatedNvml, load_gpu_model
 from reconciler.rbac import RULES
-from webhook.config_source import ConfigMapRef
 from webhook.node_policy import node_writers_binding, node_writers_policy
 from webhook.registration import (
     MUTATE_PATH,
@@ -50,7 +50,7 @@ from webhook.registration import (
     validating_configuration,
 )
 
-CONFIGMAP = ConfigMapRef("gpu-operator", "default-mig-parted-config", "config.yaml")
+CONFIGMAP = ConfigMapRef(keys.GPU_OPERATOR_NAMESPACE, keys.DEFAULT_MIG_PARTED_CONFIGMAP)
 RECONCILER_NAMESPACE = "mig-guard"
 RECONCILER_SA = "reconciler"
 RECONCILER_USER = f"system:serviceaccount:{RECONCILER_NAMESPACE}:{RECONCILER_SA}"

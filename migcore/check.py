@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from migcore import keys
-from migcore.catalog import Catalog, Product, UnknownProductError, format_pci_device_id, load_catalog
+from migcore.catalog import Catalog, Product, UnknownProductError, format_pci_device_id
 from migcore.config import ConfigEntry, DeviceFilter, MigPartedConfig
 from migcore.driver_table import MigTable, compare, table_product, unread_compute_profiles
 from migcore.geometry import GpuGeometry
@@ -97,6 +97,8 @@ class NodeHardware:
     gpu_count_known: bool
     source: str
     count_note: str = ""
+    # The catalog the GPUs were looked up in (messages name its products).
+    catalog: Catalog = field(kw_only=True, repr=False, compare=False)
     _key: tuple[object, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -163,21 +165,21 @@ def hardware_from_labels(catalog: Catalog, product_label: str, gpu_count: int | 
     suffix = _single_strategy_profile(product_label)
     if suffix is None:
         count = 1 if gpu_count is None else gpu_count
-        return NodeHardware(product, gpus(count), gpu_count is not None, SOURCE_LABELS)
+        return NodeHardware(product, gpus(count), gpu_count is not None, SOURCE_LABELS, catalog=catalog)
     strategy = "GPU Feature Discovery's single MIG strategy"
     if suffix == "INVALID" or not gpu_count:
         note = f"GPU count unknown: with {strategy} the labels do not count GPUs"
-        return NodeHardware(product, gpus(1), False, SOURCE_LABELS, note)
+        return NodeHardware(product, gpus(1), False, SOURCE_LABELS, note, catalog=catalog)
     per_gpu = _per_gpu(product, suffix)
     least = 1 if per_gpu is None else -(-gpu_count // per_gpu)
     if least == gpu_count:  # e.g. one MIG device: exactly one GPU
-        return NodeHardware(product, gpus(least), True, SOURCE_LABELS)
+        return NodeHardware(product, gpus(least), True, SOURCE_LABELS, catalog=catalog)
     most = "" if per_gpu is None else f", at most {per_gpu} per GPU"
     note = (
         f"at least {least} GPU{'s' if least > 1 else ''}: with {strategy} gpu.count counts the"
         f" {gpu_count} MIG devices of {suffix}{most}"
     )
-    return NodeHardware(product, gpus(least), False, SOURCE_LABELS, note)
+    return NodeHardware(product, gpus(least), False, SOURCE_LABELS, note, catalog=catalog)
 
 
 def _product_of(catalog: Catalog, pci_device_id: int, name: str) -> Product | None:
@@ -217,7 +219,7 @@ def hardware_from_report(catalog: Catalog, report: NodeGpus) -> NodeHardware:
     gpus = tuple(_target(catalog, gpu) for gpu in report.gpus)
     products = {id(g.product): g.product for g in gpus}
     product = next(iter(products.values())) if len(products) == 1 else None
-    return NodeHardware(product, gpus, True, SOURCE_REPORT)
+    return NodeHardware(product, gpus, True, SOURCE_REPORT, catalog=catalog)
 
 
 @dataclass(frozen=True)
@@ -532,7 +534,7 @@ def _check_uncached(config: MigPartedConfig, name: str, hardware: NodeHardware) 
     if len(untouched) == len(verdicts):
         report.plain_errors.append(
             f'config "{name}" has no entry for {hardware.describe()}: applying it would silently do nothing'
-            f" (its entries target {_targets(entries)})"
+            f" (its entries target {_targets(entries, hardware.catalog)})"
         )
     elif untouched and hardware.gpu_count_known:
         report.plain_warnings.append(
@@ -557,9 +559,8 @@ def _warn_partial_filter(report: _Report, gpu: GpuTarget, entry: ConfigEntry) ->
         )
 
 
-def _targets(entries: tuple[ConfigEntry, ...]) -> str:
+def _targets(entries: tuple[ConfigEntry, ...], catalog: Catalog) -> str:
     """Which GPUs a config's entries select, in words (for the 'does nothing' error)."""
-    catalog = load_catalog()
     targets: list[str] = []
     for entry in entries:
         if not entry.device_filters:

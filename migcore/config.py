@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from migcore.catalog import Catalog, load_catalog
+from migcore.catalog import Catalog
 from migcore.profiles import MigProfile, ProfileError, parse_profile
 
 SUPPORTED_VERSION = "v1"
@@ -380,8 +380,9 @@ def _decode(text: str | bytes) -> tuple[str, bytes]:
         raise ConfigError([f"config is not UTF-8 text: {exc}"]) from exc
 
 
-def parse_config(text: str | bytes, catalog: Catalog | None = None) -> MigPartedConfig:
-    """Parse a v1 config; raise ConfigError listing every problem. `catalog` defaults to the shipped one."""
+def parse_config(text: str | bytes, catalog: Catalog) -> MigPartedConfig:
+    """Parse a v1 config; raise ConfigError listing every problem. A profile that no product of
+    `catalog` has is a warning (a typo, or a GPU only its driver's table describes)."""
     size = len(text.encode("utf-8")) if isinstance(text, str) else len(text)
     if size > MAX_CONFIG_BYTES:
         raise ConfigError([f"config is {size} bytes; the limit is {MAX_CONFIG_BYTES} bytes (1 MiB)"])
@@ -414,7 +415,7 @@ def parse_config(text: str | bytes, catalog: Catalog | None = None) -> MigParted
     elif not raw_configs:
         errors.append("mig-configs: no configs defined")
     else:
-        parser = _EntryParser(catalog if catalog is not None else load_catalog())
+        parser = _EntryParser(catalog)
         for raw_name, raw_entries in raw_configs.items():
             name = str(raw_name)
             path = f"mig-configs.{name}"
@@ -433,7 +434,7 @@ def parse_config(text: str | bytes, catalog: Catalog | None = None) -> MigParted
     return MigPartedConfig(configs, hashlib.sha256(raw_bytes).hexdigest(), tuple(warnings))
 
 
-def load_config_file(path: str | Path, catalog: Catalog | None = None) -> MigPartedConfig:
+def load_config_file(path: str | Path, catalog: Catalog) -> MigPartedConfig:
     """Read and parse a config file; an unreadable or oversized file is a ConfigError too."""
     file = Path(path)
     try:
@@ -444,7 +445,7 @@ def load_config_file(path: str | Path, catalog: Catalog | None = None) -> MigPar
     return parse_config(data, catalog)
 
 
-def load_default_config() -> MigPartedConfig:
+def load_default_config(catalog: Catalog) -> MigPartedConfig:
     """The GPU Operator's default config, shipped as `migcore/data/default-mig-parted-config.yaml`."""
     data = resources.files("migcore").joinpath("data/default-mig-parted-config.yaml").read_bytes()
-    return parse_config(data)
+    return parse_config(data, catalog)

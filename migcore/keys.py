@@ -1,4 +1,5 @@
-"""Every label, annotation, taint and condition name that mig-guard reads or writes.
+"""Every label, annotation, taint and condition name that mig-guard reads or writes, and the GPU
+Operator's names it defaults to.
 
 Kept in one place so the webhook, the reconciler, the chart and the docs agree on the
 wire names; nothing else in the code base spells these strings.
@@ -19,6 +20,11 @@ LABEL_MIG_CAPABLE: Final = "nvidia.com/mig.capable"
 # GPU Operator operand switches, paused during a change like mig-manager does.
 LABEL_GPU_DEPLOY_PREFIX: Final = "nvidia.com/gpu.deploy."
 PAUSED_FOR_MIG_CHANGE: Final = "paused-for-mig-change"
+
+# The GPU Operator's namespace (its operands, its mig-parted ConfigMap) and that ConfigMap's key.
+GPU_OPERATOR_NAMESPACE: Final = "gpu-operator"
+DEFAULT_MIG_PARTED_CONFIGMAP: Final = "default-mig-parted-config"
+MIG_PARTED_CONFIG_KEY: Final = "config.yaml"
 
 # mig-guard's own keys. Every label or annotation under this prefix is protected:
 # only the reconciler's identities may change it (the webhook's own mutation excepted).

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
-from migcore.catalog import aligned_compute_starts, load_catalog
+from migcore.catalog import Catalog, aligned_compute_starts
 from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec, slot_mask
 from migcore.profiles import parse_profile
 from migcore.wording import index_ranges
@@ -274,7 +274,9 @@ class _Result(Protocol):
     def gpus(self) -> Sequence[_Verdict]: ...
 
 
-def desired_geometries(result: _Result, current: Mapping[int, GpuGeometry]) -> dict[int, GpuGeometry]:
+def desired_geometries(
+    result: _Result, current: Mapping[int, GpuGeometry], catalog: Catalog
+) -> dict[int, GpuGeometry]:
     """The layout each GPU should have under a checked config (`migcore.check.CheckResult`).
 
     A GPU no entry applies to keeps its current layout. Where the config's layout holds the same
@@ -297,7 +299,7 @@ def desired_geometries(result: _Result, current: Mapping[int, GpuGeometry]) -> d
             # Never "MIG on, no instances" by default: that would destroy what nothing judged.
             raise ValueError(f'config "{result.name}": no layout was judged for GPU {verdict.index}')
         target = verdict.geometry
-        out[verdict.index] = target if now is None else keep_in_place(target, now)
+        out[verdict.index] = target if now is None else keep_in_place(target, now, catalog)
     return out
 
 
@@ -305,11 +307,11 @@ def desired_geometries(result: _Result, current: Mapping[int, GpuGeometry]) -> d
 
 
 @lru_cache(maxsize=1024)
-def _catalog_starts(profile: str, size: int) -> frozenset[int] | None:
+def _catalog_starts(catalog: Catalog, profile: str, size: int) -> frozenset[int] | None:
     """Starts valid for this GI profile on every catalog product that has it (None: no product)."""
     parsed = parse_profile(profile)
     found: frozenset[int] | None = None
-    for product in load_catalog().products.values():
+    for product in catalog.products.values():
         gi = product.gpu_instance_profile(parsed)
         if gi is None or gi.placement_size != size or str(gi.name) != profile:
             continue
@@ -388,7 +390,7 @@ def _place_rest(
     return starts if place(0, occupied) else None
 
 
-def keep_in_place(desired: GpuGeometry, current: GpuGeometry) -> GpuGeometry:
+def keep_in_place(desired: GpuGeometry, current: GpuGeometry, catalog: Catalog) -> GpuGeometry:
     """An equivalent of `desired` (same instances, same compute instances) that keeps as many of
     `current`'s GPU instances at their starts as possible, and their compute instances too.
 
@@ -402,7 +404,7 @@ def keep_in_place(desired: GpuGeometry, current: GpuGeometry) -> GpuGeometry:
     wanted = list(desired.instances)
     candidates: dict[GpuInstanceSpec, list[int]] = {}
     for gi in wanted:
-        options = set(_catalog_starts(gi.profile, gi.size) or ())
+        options = set(_catalog_starts(catalog, gi.profile, gi.size) or ())
         options |= {d.start for d in wanted if d.profile == gi.profile}
         options |= {c.start for c in current.instances if c.profile == gi.profile and c.size == gi.size}
         candidates[gi] = sorted(options)

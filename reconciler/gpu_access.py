@@ -35,7 +35,8 @@ from migcore.profiles import MigProfile, ProfileError, parse_profile
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[Operation, int], None]
+# Told after each operation of a plan ran (the operation, its index): counts and records steps.
+OnOperation = Callable[[Operation, int], None]
 Model = tuple[int, int | None, str]  # (PCI device id, subsystem id, name): one driver table each
 _NOT_A_MIG_ID = 0xFFFFFFFF
 _MIB = 1024 * 1024
@@ -559,13 +560,13 @@ class GpuAccess:
         finally:
             self._forget(index)
 
-    def apply(self, plan: GpuPlan, progress: Progress | None = None) -> None:
-        """Run the plan's operations in order; `progress(op, i)` after each. The first failure raises
+    def apply(self, plan: GpuPlan, done: OnOperation | None = None) -> None:
+        """Run the plan's operations in order; `done(op, i)` after each. The first failure raises
         a GpuError and stops (the caller rolls back: `reconciler.gpu_apply`)."""
         for i, op in enumerate(plan.operations):
             self._run(op)
-            if progress is not None:
-                progress(op, i)
+            if done is not None:
+                done(op, i)
 
     def _run(self, op: Operation) -> None:
         index, nvml = op.gpu, self.nvml

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from migcore.geometry import GpuGeometry
 from migcore.planning import GpuPlan, plan_gpu
-from reconciler.gpu_access import GpuAccess, GpuError, Progress
+from reconciler.gpu_access import GpuAccess, GpuError, OnOperation
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def roll_back(access: GpuAccess, index: int, target: GpuGeometry) -> GpuGeometry
 def apply_with_rollback(
     access: GpuAccess,
     plan: GpuPlan,
-    progress: Progress | None = None,
+    done: OnOperation | None = None,
     reboot_allowed: bool = False,
 ) -> ApplyOutcome:
     """Run `plan`, verify by reading the GPU back, roll back to `plan.current` on error or mismatch.
@@ -89,7 +89,7 @@ def apply_with_rollback(
     index = plan.index
     error: GpuError
     try:
-        access.apply(plan, progress)
+        access.apply(plan, done)
         after = access.geometry(index)
         if after == plan.desired:
             return ApplyOutcome(index, True, None, False, after)

@@ -21,6 +21,8 @@ from typing import Any, Literal, TypeVar
 from kubernetes import client as k8s
 from kubernetes.client import ApiException
 
+from kube.errors import API_ERRORS, is_conflict
+from kube.node import Condition, NodeView
 from migcore import keys
 from migcore.hold import (
     BY_RECONCILER,
@@ -31,7 +33,6 @@ from migcore.hold import (
     with_hold_taint,
     without_hold_taint,
 )
-from reconciler.api_retry import API_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +70,23 @@ class NodeState:
         self.instance = instance or f"{socket.gethostname()}/{node_name}"
 
     # -- reads -------------------------------------------------------------------------------------
+    def view(self) -> NodeView:
+        """The Node as it is now (one read)."""
+        return NodeView.from_response(self.core.read_node(self.node_name, _preload_content=False))
+
     def read(self) -> Any:
+        """The Node as the Kubernetes client models it (a V1Node)."""
         return self.core.read_node(self.node_name)
 
     def labels(self) -> dict[str, str]:
-        return dict(self.read().metadata.labels or {})
+        return dict(self.view().labels)
 
     def annotations(self) -> dict[str, str]:
-        return dict(self.read().metadata.annotations or {})
+        return dict(self.view().annotations)
 
-    def condition(self) -> Any | None:
-        """The current `MIGConfigReady` condition object, or None."""
-        return _condition(self.read())
+    def condition(self) -> Condition | None:
+        """The current `MIGConfigReady` condition, or None."""
+        return self.view().condition(keys.CONDITION_READY)
 
     # -- label / annotation writes -------------------------------------------------------------------
     def patch_metadata(
@@ -103,14 +109,14 @@ class NodeState:
         self.patch_metadata(annotations={key: value})
 
     # -- one write: state, reason, labels, annotations and the hold together -----------------------
-    def apply(self, edit: NodeEdit | Callable[[Any], NodeEdit]) -> NodeEdit:
+    def apply(self, edit: NodeEdit | Callable[[NodeView], NodeEdit]) -> NodeEdit:
         """Make `edit` (or what `edit(node)` returns for the node as read) in ONE write of the Node;
         keys that already have their value are left out, and nothing is written when nothing
         changes. A write that depends on what was read (taints, restored labels, an edit computed
         from the node) is guarded by the resourceVersion and retried on conflict. With a state,
         then the `MIGConfigReady` condition (only when it changes) and an Event. Returns the edit."""
 
-        def change(node: Any) -> tuple[dict[str, Any] | None, bool, tuple[NodeEdit, Any]]:
+        def change(node: NodeView) -> tuple[dict[str, Any] | None, bool, tuple[NodeEdit, NodeView]]:
             made = edit(node) if callable(edit) else edit
             body = _body(node, made)
             guard = body is not None and (callable(edit) or "spec" in body or bool(made.restore))
@@ -121,7 +127,8 @@ class NodeState:
             reason = made.reason or ""
             status, default_reason = CONDITION_BY_STATE[made.state]
             if made.condition:
-                self.set_condition(status, made.condition_reason or default_reason, reason, _condition(node))
+                current = node.condition(keys.CONDITION_READY)
+                self.set_condition(status, made.condition_reason or default_reason, reason, current)
             self.event(
                 made.event_type or ("Warning" if made.state == keys.STATE_FAILED else "Normal"),
                 made.event_reason or (made.condition_reason or default_reason),
@@ -151,7 +158,7 @@ class NodeState:
         )
 
     def set_condition(
-        self, status: ConditionStatus, reason: str, message: str, current: Any | None = _UNREAD
+        self, status: ConditionStatus, reason: str, message: str, current: Condition | None = _UNREAD
     ) -> None:
         """Patch `MIGConfigReady` on the status subresource (merged by type: other conditions stay);
         nothing is written when it already says exactly that."""
@@ -167,8 +174,7 @@ class NodeState:
         now = now_rfc3339()
         transition = now
         if current is not None and current.status == status and current.last_transition_time is not None:
-            last = current.last_transition_time
-            transition = last.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(last, datetime) else str(last)
+            transition = current.last_transition_time
         body = {
             "status": {
                 "conditions": [
@@ -188,7 +194,7 @@ class NodeState:
                 self.core.patch_node_status(self.node_name, body, field_manager=FIELD_MANAGER)
                 return
             except ApiException as exc:
-                if exc.status != 409 or attempt == CONFLICT_RETRIES - 1:
+                if not is_conflict(exc) or attempt == CONFLICT_RETRIES - 1:
                     raise
                 time.sleep(0.05 * (attempt + 1))
 
@@ -228,23 +234,23 @@ class NodeState:
         self.apply(NodeEdit(lift_hold=True))
         return record
 
-    def _read_modify_write(self, change: Callable[[Any], tuple[dict[str, Any] | None, bool, T]]) -> T:
+    def _read_modify_write(self, change: Callable[[NodeView], tuple[dict[str, Any] | None, bool, T]]) -> T:
         """Apply `change(node)`'s merge patch, guarded by the node's resourceVersion when it says so
         (a merge patch of plain keys needs no guard: it is the same whatever else changed)."""
         for attempt in range(CONFLICT_RETRIES):
-            node = self.read()
+            node = self.view()
             body, guard, result = change(node)
             if body is None:
                 return result
             if guard:
-                body.setdefault("metadata", {})["resourceVersion"] = node.metadata.resource_version
+                body.setdefault("metadata", {})["resourceVersion"] = node.resource_version
             try:
                 self.core.patch_node(
                     self.node_name, body, _content_type=MERGE_PATCH, field_manager=FIELD_MANAGER
                 )
                 return result
             except ApiException as exc:
-                if exc.status != 409:
+                if not is_conflict(exc):
                     raise
                 log.debug("conflict updating node %s (attempt %d); retrying", self.node_name, attempt + 1)
                 time.sleep(0.05 * (attempt + 1))
@@ -279,17 +285,10 @@ class NodeEdit:
             raise ValueError("a hold cannot be taken and lifted in one write")
 
 
-def _condition(node: Any) -> Any | None:
-    for cond in (node.status.conditions if node.status else None) or []:
-        if cond.type == keys.CONDITION_READY:
-            return cond
-    return None
-
-
-def _body(node: Any, edit: NodeEdit) -> dict[str, Any] | None:
+def _body(node: NodeView, edit: NodeEdit) -> dict[str, Any] | None:
     """The guarded merge patch that makes `edit` on `node` (None: nothing to change)."""
-    labels_now = dict(node.metadata.labels or {})
-    annotations_now = dict(node.metadata.annotations or {})
+    labels_now = node.labels
+    annotations_now = node.annotations
     labels = dict(edit.labels)
     annotations = dict(edit.annotations)
     if edit.state is not None:
@@ -300,8 +299,8 @@ def _body(node: Any, edit: NodeEdit) -> dict[str, Any] | None:
         if labels_now.get(key) == keys.PAUSED_FOR_MIG_CHANGE:
             labels[key] = value
     spec: dict[str, Any] = {}
-    taints = _taints(node)
-    unschedulable = bool(node.spec and node.spec.unschedulable)
+    taints = node.taints
+    unschedulable = node.unschedulable
     recorded = HoldRecord.recorded(annotations_now.get(keys.ANNOTATION_HOLD))
     if edit.take_hold is not None and recorded is None:  # a hold recorded (the webhook's) stays
         mode, config = edit.take_hold
@@ -333,16 +332,3 @@ def _body(node: Any, edit: NodeEdit) -> dict[str, Any] | None:
     if spec:
         body["spec"] = spec
     return body
-
-
-def _taints(node: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for t in (node.spec.taints if node.spec else None) or []:
-        item: dict[str, Any] = {"key": t.key, "effect": t.effect}
-        if t.value is not None:
-            item["value"] = t.value
-        if t.time_added is not None:
-            added = t.time_added
-            item["timeAdded"] = added.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(added, datetime) else added
-        out.append(item)
-    return out

@@ -13,8 +13,8 @@ becomes the layout's real outcome; a state with no layout requested goes away).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
+from kube.node import NodeView
 from migcore import keys
 from migcore.hold import pending_reason
 from reconciler.node_state import FIELD_MANAGER, NodeState
@@ -24,31 +24,10 @@ log = logging.getLogger(__name__)
 EVENT_REASON = "StateCorrected"
 
 
-def _field_path(field: str, key: str) -> tuple[str, ...]:
-    return ("f:metadata", f"f:{field}", f"f:{key}")
-
-
-def writers(node: Any, field: str, key: str) -> set[str]:
-    """The field managers that own `metadata.<field>[key]` of `node` (a V1Node)."""
-    path = _field_path(field, key)
-    owners = set()
-    for entry in node.metadata.managed_fields or []:
-        fields = entry.fields_v1 or {}
-        for step in path:
-            fields = fields.get(step) if isinstance(fields, dict) else None
-            if fields is None:
-                break
-        if fields is not None:
-            owners.add(entry.manager or "(no manager)")
-    return owners
-
-
-def foreign_report(node: Any, desired: str) -> str | None:
+def foreign_report(node: NodeView, desired: str) -> str | None:
     """What the node reports that the reconciler did not write (None: all of it is its own, or the
     webhook's pending for `desired`)."""
-    labels = node.metadata.labels or {}
-    annotations = node.metadata.annotations or {}
-    state, reason = labels.get(keys.LABEL_MIG_STATE), annotations.get(keys.ANNOTATION_REASON)
+    state, reason = node.labels.get(keys.LABEL_MIG_STATE), node.annotations.get(keys.ANNOTATION_REASON)
     if desired and state == keys.STATE_PENDING and reason == pending_reason(desired):
         return None
     found: list[str] = []
@@ -58,14 +37,14 @@ def foreign_report(node: Any, desired: str) -> str | None:
     ):
         if value is None:
             continue
-        owners = writers(node, field, key) - {FIELD_MANAGER}
-        if owners or not writers(node, field, key):
+        owners = node.writers(field, key) - {FIELD_MANAGER}
+        if owners or not node.writers(field, key):
             by = ", ".join(sorted(owners)) or "an unknown writer"
             found.append(f"{key}={value[:200]!r} (written by {by})")
     return "; ".join(found) or None
 
 
-def claim_report(node_state: NodeState, node: Any, desired: str) -> bool:
+def claim_report(node_state: NodeState, node: NodeView, desired: str) -> bool:
     """Remove a state and reason the reconciler did not write, with an Event; True when it did."""
     found = foreign_report(node, desired)
     if found is None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
+from kube.config_source import ConfigView
+from kube.node import MalformedNode, NodeView
 from migcore.hold import HoldMode
 from webhook.configmap_guard import ConfigMapGuard
 from webhook.mutation import mutation_patch
-from webhook.node_view import NodeView
 from webhook.review import AdmissionRequest, ReviewError
-from webhook.validation import ConfigView, NodeChange, NodeRules
+from webhook.validation import NodeChange, NodeRules
 from webhook.verdict import Verdict
 from webhook.writers import bound_node
 
@@ -32,11 +33,12 @@ def node_change(request: AdmissionRequest) -> NodeChange:
         raise ReviewError(f"request.object is required for {request.operation} of a Node")
     if request.operation == "UPDATE" and request.old_object is None:
         raise ReviewError("request.oldObject is required for UPDATE of a Node")
+    try:
+        old, new = NodeView.of(request.old_object, "oldObject"), NodeView.of(request.object, "object")
+    except MalformedNode as exc:
+        raise ReviewError(str(exc)) from exc
     return NodeChange(
-        NodeView.of(request.old_object, "oldObject"),
-        NodeView.of(request.object, "object"),
-        creating=request.operation == "CREATE",
-        status=request.sub_resource == "status",
+        old, new, creating=request.operation == "CREATE", status=request.sub_resource == "status"
     )
 
 

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
+from kubernetes import client as k8s
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
+from kube.client import api_client
+from kube.config_source import ConfigMapFeed, ConfigSource, FileFeed
 from migcore.catalog import load_catalog
 from webhook.admission_handler import AdmissionHandler
-from webhook.config_source import ConfigSource, FileConfigSource
 from webhook.configmap_guard import ApiNodeLister, ConfigMapGuard
-from webhook.configmap_watch import ConfigMapConfigSource
-from webhook.kube_api import core_v1
 from webhook.metrics import WebhookMetrics
 from webhook.node_hardware import HardwareResolver
 from webhook.review import ReviewError, decode_json, parse_review
@@ -87,7 +87,7 @@ def _answer(endpoint: str) -> Response:
         state.metrics.requests.labels(endpoint, "malformed").inc()
         log.info("malformed admission review", extra={"fields": {"endpoint": endpoint, "error": str(exc)}})
         return _error(400, f"malformed AdmissionReview: {exc}")
-    view = state.source.cache.state.view if state.source else None
+    view = state.source.state.view if state.source else None
     if view is None or state.handler is None:
         state.metrics.requests.labels(endpoint, "unready").inc()
         return _error(503, "no mig-parted config loaded yet: see /readyz")
@@ -166,7 +166,7 @@ def readiness(state: WebhookState) -> tuple[int, str]:
     """Ready once a mig-parted config is loaded (status code and text; also on the health port)."""
     if state.settings.floor:
         return 200, "ready (floor mode)\n"
-    source_state = state.source.cache.state if state.source else None
+    source_state = state.source.state if state.source else None
     if source_state is None or source_state.view is None:
         reason = source_state.problem if source_state else "no config source"
         return 503, f"not ready: {reason}\n"
@@ -217,15 +217,16 @@ def build_state(settings: WebhookSettings, metrics: WebhookMetrics) -> WebhookSt
         return WebhookState(settings, metrics, None, None)
     catalog = load_catalog()
     hardware = HardwareResolver(catalog)
-    source: ConfigSource
     guard = None
     if settings.mig_config_file is not None:
-        source = FileConfigSource(settings.mig_config_file, metrics)
+        source = ConfigSource(FileFeed(settings.mig_config_file), catalog, metrics)
+        source.refresh()  # ready before the first request
     else:
-        core = core_v1(settings.kubeconfig)
-        source = ConfigMapConfigSource(core, settings.configmap, metrics)
-        guard = ConfigMapGuard(settings.configmap, ApiNodeLister(core), hardware, settings.configmap_guard)
-    metrics.track_config_age(lambda: source.cache.state.loaded_at)
+        api = api_client(settings.kubeconfig)  # in this worker: connection pools do not survive a fork
+        source = ConfigSource(ConfigMapFeed(api, settings.configmap), catalog, metrics)
+        nodes = ApiNodeLister(k8s.CoreV1Api(api))
+        guard = ConfigMapGuard(settings.configmap, nodes, hardware, settings.configmap_guard)
+    metrics.track_config_age(lambda: source.state.loaded_at)
     source.start()
     rules = NodeRules(
         hardware, settings.reconciler_users, allow_unbound=settings.allow_unbound_reconciler_tokens

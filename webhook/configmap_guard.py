@@ -14,13 +14,14 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from kube.config_source import ConfigMapRef
+from kube.node import NodeView
 from migcore import keys
+from migcore.catalog import Catalog
 from migcore.check import check_config
 from migcore.config import ConfigError, MigPartedConfig, parse_config
 from migcore.wording import shorten
-from webhook.config_source import ConfigMapRef
 from webhook.node_hardware import HardwareResolver
-from webhook.node_view import NodeView
 from webhook.review import AdmissionRequest, ReviewError
 from webhook.verdict import CODE_INVALID, Verdict
 
@@ -60,11 +61,11 @@ def _config_text(obj: Mapping[str, Any] | None, key: str) -> str | None:
     return text
 
 
-def _parse(text: str | None) -> MigPartedConfig | None:
+def _parse(text: str | None, catalog: Catalog) -> MigPartedConfig | None:
     if text is None:
         return None
     try:
-        return parse_config(text)
+        return parse_config(text, catalog)
     except ConfigError:
         return None
 
@@ -112,13 +113,13 @@ class ConfigMapGuard:
             if new_text is None:
                 return self._answer(f"{self.ref}: key {self.ref.key} is missing; mig-guard needs it")
             try:
-                new_config: MigPartedConfig | None = parse_config(new_text)
+                new_config: MigPartedConfig | None = parse_config(new_text, self._hardware.catalog)
             except ConfigError as exc:
                 errors = "; ".join(exc.errors[:3])
                 return self._answer(f"{self.ref} key {self.ref.key} does not parse: {errors}")
         else:
             new_config = None
-        old_config = _parse(_config_text(request.old_object, self.ref.key))
+        old_config = _parse(_config_text(request.old_object, self.ref.key), self._hardware.catalog)
         broken: list[str] = []
         for node in self._nodes.labelled_nodes():
             if not node.mig_config or self._fits(old_config, node) is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from kube.node import NodeView
 from migcore import keys
 from migcore.hold import (
     BY_WEBHOOK,
@@ -31,7 +32,6 @@ from migcore.hold import (
     pending_reason,
 )
 from webhook.admission_types import PatchOperation
-from webhook.node_view import NodeView
 from webhook.validation import NodeChange
 
 

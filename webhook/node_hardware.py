@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kube.node import NodeView
 from migcore import keys
 from migcore.catalog import Catalog, UnknownProductError
 from migcore.check import NodeHardware, hardware_from_labels, hardware_from_report
 from migcore.hardware import HardwareReportError, NodeGpus
 from migcore.memo import LruCache
-from webhook.node_view import NodeView
 
 CACHE_SIZE = 256
 
@@ -39,7 +39,7 @@ class HardwareResolver:
     """Turns a NodeView into NodeHardware, with a bounded cache shared by request threads."""
 
     def __init__(self, catalog: Catalog) -> None:
-        self._catalog = catalog
+        self.catalog = catalog
         self._cache: LruCache[tuple[str, ...], HardwareFinding] = LruCache(CACHE_SIZE)
 
     def find(self, node: NodeView) -> HardwareFinding:
@@ -53,7 +53,7 @@ class HardwareResolver:
         warnings: list[str] = []
         if report:
             try:
-                hardware = hardware_from_report(self._catalog, NodeGpus.from_annotation(report))
+                hardware = hardware_from_report(self.catalog, NodeGpus.from_annotation(report))
                 return HardwareFinding(hardware, f"{hardware.describe()}, from {keys.ANNOTATION_GPUS}")
             except (HardwareReportError, UnknownProductError) as exc:
                 warnings.append(f"{keys.ANNOTATION_GPUS} ignored: {exc}")
@@ -64,7 +64,7 @@ class HardwareResolver:
             return HardwareFinding(None, "none", tuple(warnings))
         gpu_count = parse_gpu_count(count)
         try:
-            hardware = hardware_from_labels(self._catalog, product, gpu_count)
+            hardware = hardware_from_labels(self.catalog, product, gpu_count)
         except (UnknownProductError, ValueError):
             warnings.append(f"GPU product {product[:60]!r} is not in mig-guard's catalog: layout not checked")
             return HardwareFinding(None, "unknown product", tuple(warnings))

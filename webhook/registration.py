@@ -15,9 +15,9 @@ import base64
 from collections.abc import Sequence
 from typing import Any
 
+from kube.config_source import ConfigMapRef
 from migcore import keys
 from webhook import cel
-from webhook.config_source import ConfigMapRef
 
 VALIDATE_PATH = "/validate"
 MUTATE_PATH = "/mutate"

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kube.config_source import ConfigMapRef
+from migcore import keys
 from migcore.hold import HoldMode
-from webhook.config_source import DEFAULT_CONFIGMAP_NAME, DEFAULT_CONFIGMAP_NAMESPACE, ConfigMapRef
 from webhook.configmap_guard import GuardMode
 
 # Two objects of up to etcd's 1.5 MiB each (object and oldObject) plus the envelope: a legitimate
@@ -22,7 +23,7 @@ class WebhookSettings:
     key_file: Path
     mig_config_file: Path | None = None
     configmap: ConfigMapRef = field(
-        default_factory=lambda: ConfigMapRef(DEFAULT_CONFIGMAP_NAMESPACE, DEFAULT_CONFIGMAP_NAME)
+        default_factory=lambda: ConfigMapRef(keys.GPU_OPERATOR_NAMESPACE, keys.DEFAULT_MIG_PARTED_CONFIGMAP)
     )
     reconciler_users: tuple[str, ...] = ()
     # Accept reconciler writes with tokens that name no node (clusters older than Kubernetes 1.30).

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
+from kube.config_source import ConfigView
+from kube.node import NodeView
 from migcore import keys
 from migcore.check import (
     NAME_SHOWN_CHARS,
@@ -28,26 +30,16 @@ from migcore.check import (
     valid_config_names,
     valid_names_text,
 )
-from migcore.config import MigPartedConfig
 from migcore.hold import BY_WEBHOOK, HoldRecord, pending_reason
 from migcore.memo import LruCache
 from migcore.wording import shorten
 from webhook.node_hardware import HardwareFinding, HardwareResolver
-from webhook.node_view import NodeView, changed_protected_keys
 from webhook.verdict import CODE_FORBIDDEN, CODE_INVALID, Verdict
 from webhook.writers import ReconcilerIdentities
 
 VERDICT_CACHE_SIZE = 1024
 # Stands for the node's name in memoised messages (filled in per request).
 NODE_NAME_SLOT = "\x00node\x00"
-
-
-@dataclass(frozen=True)
-class ConfigView:
-    """The mig-parted config in use and where it came from (named in denials)."""
-
-    config: MigPartedConfig
-    origin: str
 
 
 @dataclass(frozen=True)
@@ -73,6 +65,20 @@ class NodeChange:
     @property
     def node_name(self) -> str:
         return self.new.name or self.old.name
+
+
+def changed_protected_keys(old: NodeView, new: NodeView) -> dict[str, str | None]:
+    """Protected labels and annotations whose value differs: "label:key"/"annotation:key" -> new value
+    (None when removed)."""
+    changes: dict[str, str | None] = {}
+    for kind, before, after in (
+        ("label", old.labels, new.labels),
+        ("annotation", old.annotations, new.annotations),
+    ):
+        for key in before.keys() | after.keys():
+            if keys.is_protected_key(key) and before.get(key) != after.get(key):
+                changes[f"{kind}:{key}"] = after.get(key)
+    return changes
 
 
 class NodeRules:

@@ -74,16 +74,17 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error("give a config NAME or --all (not both)")
     if args.hardware_report and args.gpu_count is not None:
         args.parser.error("--gpu-count goes with --product (a hardware report has the GPUs)")
+    catalog = load_catalog()
     try:
         if args.hardware_report:
-            hardware = hardware_from_report(load_catalog(), _read_report(args.hardware_report))
+            hardware = hardware_from_report(catalog, _read_report(args.hardware_report))
         else:
-            hardware = hardware_from_labels(load_catalog(), args.product, args.gpu_count)
+            hardware = hardware_from_labels(catalog, args.product, args.gpu_count)
     except (UnknownProductError, HardwareReportError, OSError) as exc:
         print(f"mig-guard check: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        config = load_config_file(args.config)
+        config = load_config_file(args.config, catalog)
     except ConfigError as exc:
         print(f"mig-guard check: {args.config} cannot be used:", file=sys.stderr)
         for line in exc.errors:

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from migcore.catalog import load_catalog
+from migcore.catalog import Catalog, load_catalog
 from migcore.check import check_config, hardware_from_report
 from migcore.config import ConfigError, MigPartedConfig, load_config_file
 from migcore.planning import NodePlan, desired_geometries, plan_node
@@ -49,13 +49,15 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _desired(config: MigPartedConfig, name: str, access: GpuAccess) -> tuple[dict[int, Any], dict[int, Any]]:
+def _desired(
+    config: MigPartedConfig, name: str, access: GpuAccess, catalog: Catalog
+) -> tuple[dict[int, Any], dict[int, Any]]:
     """(current, desired) layouts for config `name`, judged against what the GPUs report."""
-    result = check_config(config, name, hardware_from_report(load_catalog(), access.discover()))
+    result = check_config(config, name, hardware_from_report(catalog, access.discover()))
     if not result.valid:
         raise _Refused(f'config "{name}" cannot be applied: ' + "; ".join(result.errors))
     current = access.geometries()
-    return current, desired_geometries(result, current)
+    return current, desired_geometries(result, current, catalog)
 
 
 def _print_text(plan: NodePlan, source: str, target: str) -> None:
@@ -68,7 +70,8 @@ def _print_text(plan: NodePlan, source: str, target: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config_file(args.config)
+        catalog = load_catalog()
+        config = load_config_file(args.config, catalog)
     except (ConfigError, OSError) as exc:
         print(f"mig-guard plan: {exc}", file=sys.stderr)
         return 2
@@ -79,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     access.start()
     try:
-        current, desired = _desired(config, args.source, access)
+        current, desired = _desired(config, args.source, access, catalog)
         for gpu_plan in plan_node(current, desired).changed:
             outcome = apply_with_rollback(access, gpu_plan)
             if not outcome.ok:
                 raise _Refused(f'applying "{args.source}" failed: {outcome.reason}')
-        current, desired = _desired(config, args.target, access)
+        current, desired = _desired(config, args.target, access, catalog)
         plan = plan_node(current, desired)
     except (_Refused, GpuError, ValueError) as exc:
         print(f"mig-guard plan: {exc}", file=sys.stderr)

@@ -13,17 +13,17 @@ import sys
 import threading
 from typing import Any
 
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
-
+from kube.client import RetryPolicy, api_client, retrying
+from kube.config_source import ConfigMapFeed, ConfigSource, FileFeed
+from mig_guard.commands import flags
+from migcore.catalog import load_catalog
 from migcore.hold import HoldMode
-from reconciler.api_retry import RetryPolicy, retrying
-from reconciler.config_source import DEFAULT_KEY, ConfigMapConfigSource, ConfigSource, FileConfigSource
+from reconciler.change import ProgressStore
 from reconciler.gpu_backend import make_gpu_access
 from reconciler.loop import Reconciler, Settings
 from reconciler.metrics import Metrics, serve
 from reconciler.node_state import NodeState
-from reconciler.progress import FileProgressStore, NodeProgressStore, ProgressStore
+from reconciler.progress import FileProgressStore, NodeProgressStore
 from reconciler.workloads import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET
 
 
@@ -52,25 +52,22 @@ def register(sub: Any) -> None:
         "--simulated-latency", metavar="SPEC", help="e.g. default=0.002,nvmlDeviceSetMigMode=0.5"
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--configmap", metavar="NAMESPACE/NAME", help="the mig-parted config ConfigMap (watched)"
-    )
+    flags.add_configmap(parser, source, default=None)
     source.add_argument("--mig-config-file", metavar="F", help="the mig-parted config file (polled)")
-    parser.add_argument(
-        "--configmap-key", default=DEFAULT_KEY, help=f"key in the ConfigMap (default {DEFAULT_KEY})"
-    )
     parser.add_argument("--kubeconfig", metavar="F", help="default: in-cluster config, else ~/.kube/config")
-    parser.add_argument(
-        "--hold",
-        choices=[m.value for m in HoldMode],
-        default=HoldMode.TAINT.value,
-        help="how to keep pods off during a change",
-    )
+    flags.add_hold(parser)
     parser.add_argument("--podresources-socket", default=DEFAULT_SOCKET, metavar="PATH")
     parser.add_argument(
-        "--operands-namespace", default="gpu-operator", help="namespace of the GPU Operator's operands"
+        "--operands-namespace",
+        default=Settings.operands_namespace,
+        help="namespace of the GPU Operator's operands (default %(default)s)",
     )
-    parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve /metrics and /healthz there")
+    parser.add_argument(
+        "--metrics-listen",
+        type=flags.listen_address,
+        metavar="HOST:PORT",
+        help="serve /metrics and /healthz there",
+    )
     parser.add_argument("--resync-seconds", type=float, default=300.0)
     parser.add_argument("--eviction-timeout", type=float, default=300.0, metavar="S")
     parser.add_argument("--operand-timeout", type=float, default=300.0, metavar="S")
@@ -102,30 +99,13 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--host-state-dir", metavar="DIR", help="persist progress there instead of in a Node annotation"
     )
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    flags.add_log_level(parser)
     parser.set_defaults(func=run)
-
-
-def _api_client(kubeconfig: str | None) -> Any:
-    if kubeconfig:
-        return k8s_config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    try:
-        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except k8s_config.ConfigException:
-        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
-    return k8s.ApiClient()
-
-
-def _listen(spec: str) -> tuple[str, int]:
-    host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--metrics-listen {spec!r}: expected HOST:PORT")
-    return host or "0.0.0.0", int(port)  # noqa: S104 - a DaemonSet's metrics port is scraped from outside
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=flags.python_log_level(args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         access = make_gpu_access(
@@ -136,21 +116,15 @@ def run(args: argparse.Namespace) -> int:
             faults=args.simulated_faults,
             latency=args.simulated_latency,
         )
-        listen = _listen(args.metrics_listen) if args.metrics_listen else None
+        ref = flags.configmap_ref(args) if args.configmap else None
     except ValueError as exc:
         print(f"mig-guard reconcile: {exc}", file=sys.stderr)
         return 2
-    # One client for everything, retrying transient API errors (reconciler.api_retry).
-    api = retrying(_api_client(args.kubeconfig), RetryPolicy(budget=args.api_retry_seconds))
-    source: ConfigSource
-    if args.configmap:
-        namespace, sep, name = args.configmap.partition("/")
-        if not sep or not namespace or not name:
-            print("mig-guard reconcile: --configmap expects NAMESPACE/NAME", file=sys.stderr)
-            return 2
-        source = ConfigMapConfigSource(api, namespace, name, args.configmap_key)
-    else:
-        source = FileConfigSource(args.mig_config_file)
+    # One client for everything, retrying transient API errors (kube.client).
+    api = retrying(api_client(args.kubeconfig), RetryPolicy(budget=args.api_retry_seconds))
+    catalog = load_catalog()
+    feed = ConfigMapFeed(api, ref) if ref is not None else FileFeed(args.mig_config_file)
+    source = ConfigSource(feed, catalog)
     settings = Settings(
         node_name=args.node_name,
         hold_mode=HoldMode(args.hold),
@@ -170,9 +144,10 @@ def run(args: argparse.Namespace) -> int:
         if args.host_state_dir
         else NodeProgressStore(NodeState(api, args.node_name))
     )
-    reconciler = Reconciler(api, access, source, settings, metrics=metrics, store=store)
-    if listen is not None:
-        server = serve(metrics, listen[0], listen[1], reconciler.healthy)
+    reconciler = Reconciler(api, access, source, settings, metrics=metrics, store=store, catalog=catalog)
+    if args.metrics_listen is not None:
+        host, port = args.metrics_listen
+        server = serve(metrics, host, port, reconciler.healthy)
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", *server.server_address[:2])
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

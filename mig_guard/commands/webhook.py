@@ -16,23 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mig_guard.commands import flags
+from migcore.catalog import load_catalog
 from migcore.config import ConfigError, load_config_file
 from migcore.hold import HoldMode
-from webhook.config_source import (
-    DEFAULT_CONFIGMAP_KEY,
-    DEFAULT_CONFIGMAP_NAME,
-    DEFAULT_CONFIGMAP_NAMESPACE,
-    ConfigMapRef,
-)
 from webhook.configmap_guard import GuardMode
 from webhook.settings import WebhookSettings
-
-
-def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 def _positive(text: str) -> int:
@@ -47,18 +36,14 @@ def register(sub: Any) -> None:
         help="serve the admission webhook",
         description="Serve the admission webhook (validates and mutates Node changes of nvidia.com/mig.config).",
     )
-    parser.add_argument("--listen", type=_listen, default=("0.0.0.0", 8443), metavar="HOST:PORT")  # noqa: S104
+    parser.add_argument(
+        "--listen", type=flags.listen_address, default=(flags.ANY_HOST, 8443), metavar="HOST:PORT"
+    )
     parser.add_argument("--tls-cert-file", type=Path, required=True, metavar="FILE")
     parser.add_argument("--tls-key-file", type=Path, required=True, metavar="FILE")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--mig-config-file", type=Path, metavar="FILE", help="a local mig-parted config.yaml")
-    source.add_argument(
-        "--configmap",
-        default=f"{DEFAULT_CONFIGMAP_NAMESPACE}/{DEFAULT_CONFIGMAP_NAME}",
-        metavar="NAMESPACE/NAME",
-        help="the mig-parted ConfigMap to watch (default %(default)s)",
-    )
-    parser.add_argument("--configmap-key", default=DEFAULT_CONFIGMAP_KEY, metavar="KEY")
+    flags.add_configmap(parser, source, default=flags.DEFAULT_CONFIGMAP)
     parser.add_argument(
         "--reconciler-user",
         action="append",
@@ -95,11 +80,11 @@ def register(sub: Any) -> None:
         help="also serve /healthz, /readyz and /metrics on this port (TLS), apart from admission",
     )
     parser.add_argument("--kubeconfig", type=Path, metavar="FILE")
-    parser.add_argument("--hold", choices=[m.value for m in HoldMode], default=HoldMode.TAINT.value)
+    flags.add_hold(parser)
     parser.add_argument(
         "--configmap-guard", choices=[m.value for m in GuardMode], default=GuardMode.DENY.value
     )
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    flags.add_log_level(parser)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)  # benchmark baseline
     parser.set_defaults(func=run)
 
@@ -112,7 +97,7 @@ def settings_from_args(args: argparse.Namespace) -> WebhookSettings:
         cert_file=args.tls_cert_file,
         key_file=args.tls_key_file,
         mig_config_file=args.mig_config_file,
-        configmap=ConfigMapRef.parse(args.configmap, args.configmap_key),
+        configmap=flags.configmap_ref(args),
         reconciler_users=tuple(args.reconciler_user),
         allow_unbound_reconciler_tokens=args.allow_unbound_reconciler_tokens,
         kubeconfig=args.kubeconfig,
@@ -139,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     if settings.mig_config_file is not None:
         try:
-            load_config_file(settings.mig_config_file)
+            load_config_file(settings.mig_config_file, load_catalog())
         except ConfigError as exc:
             print(
                 f"mig-guard webhook: {settings.mig_config_file} is not a usable mig-parted config:",
@@ -149,10 +134,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {error}", file=sys.stderr)
             return 2
     else:
-        from webhook.kube_api import core_v1  # noqa: PLC0415 - the Kubernetes client loads only when needed
+        from kube.client import api_client  # noqa: PLC0415 - the Kubernetes client loads only when needed
 
         try:
-            core_v1(settings.kubeconfig)  # fail here, not in every worker, without API access
+            api_client(settings.kubeconfig)  # fail here, not in every worker, without API access
         except Exception as exc:  # the client raises several types for a missing or bad kubeconfig
             print(
                 f"mig-guard webhook: no Kubernetes API access to watch {settings.configmap}: {exc}",

@@ -23,12 +23,12 @@ from certs.rotation import Action
 from certs.secret_store import SecretStore
 from devcluster import binaries
 from devcluster.helpers import service_account_client
+from kube.config_source import ConfigMapRef
 from mig_guard.cli import build_parser
 from mig_guard.commands.certs import request_from_args
 from migcore import keys
 from tools import render_chart_cel
 from webhook import node_policy, registration
-from webhook.config_source import ConfigMapRef
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mig-guard"

@@ -28,7 +28,7 @@ from migcore.hardware import MAX_ANNOTATION_BYTES, DiscoveredGpu, NodeGpus
 from migcore.planning import desired_geometries
 
 CATALOG: Catalog = load_catalog()
-DEFAULT = load_config_file(Path(__file__).parents[1] / "data" / "default-mig-parted-config.yaml")
+DEFAULT = load_config_file(Path(__file__).parents[1] / "data" / "default-mig-parted-config.yaml", CATALOG)
 A100 = "NVIDIA-A100-SXM4-40GB"
 
 
@@ -37,7 +37,7 @@ def _label(product: Product) -> str:
 
 
 def _config(body: str) -> MigPartedConfig:
-    return parse_config("version: v1\nmig-configs:\n" + body)
+    return parse_config("version: v1\nmig-configs:\n" + body, CATALOG)
 
 
 def _expected_verdict(entries: tuple[ConfigEntry, ...], product: Product) -> str:
@@ -271,7 +271,7 @@ def test_a_gpu_nothing_can_judge_gets_no_instances_and_is_never_wiped() -> None:
             " on, e.g. all-enabled, the reconciler reports the driver's table)",
         )
         with pytest.raises(ValueError, match="is not valid"):
-            desired_geometries(result, {0: GpuGeometry(True, (GpuInstanceSpec(0, 8, "7g.40gb"),))})
+            desired_geometries(result, {0: GpuGeometry(True, (GpuInstanceSpec(0, 8, "7g.40gb"),))}, CATALOG)
         # What can be judged without a table still can: MIG off, or on with no instances.
         assert check_config(DEFAULT, "all-disabled", _report(future)).valid
         enabled = check_config(DEFAULT, "all-enabled", _report(future))
@@ -282,7 +282,7 @@ def test_the_planner_never_reads_a_missing_layout_as_no_instances() -> None:
     verdict = GpuVerdict(0, "mig-configs.x[0]", True, None)
     result = CheckResult("x", True, (), (), (verdict,))
     with pytest.raises(ValueError, match="no layout was judged for GPU 0"):
-        desired_geometries(result, {0: GpuGeometry(True, (GpuInstanceSpec(0, 8, "7g.40gb"),))})
+        desired_geometries(result, {0: GpuGeometry(True, (GpuInstanceSpec(0, 8, "7g.40gb"),))}, CATALOG)
 
 
 def test_unknown_name_suggests_names_and_valid_configs() -> None:
@@ -350,7 +350,7 @@ def test_a_node_without_gpus() -> None:
 
 # --- the driver's table (issue 9) ------------------------------------------------------------------
 
-X100_CONFIG = load_config_file(gpu_model_file("x100-mig-parted-config.yaml"))
+X100_CONFIG = load_config_file(gpu_model_file("x100-mig-parted-config.yaml"), CATALOG)
 
 
 def test_a_gpu_outside_the_catalog_is_judged_exactly_from_its_driver_table() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from migcore.catalog import load_catalog
 from migcore.config import (
     MAX_CONFIG_BYTES,
     ConfigError,
@@ -17,11 +18,12 @@ from migcore.config import (
 from migcore.profiles import parse_profile
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "data" / "default-mig-parted-config.yaml"
+CATALOG = load_catalog()
 
 
 def _errors(text: str) -> tuple[str, ...]:
     with pytest.raises(ConfigError) as raised:
-        parse_config(text)
+        parse_config(text, CATALOG)
     assert str(raised.value) == "\n".join(raised.value.errors)
     return raised.value.errors
 
@@ -33,7 +35,7 @@ def _one(entry: str, name: str = "c") -> str:
 
 
 def test_the_upstream_default_file_loads() -> None:
-    config = load_config_file(DEFAULT_CONFIG)
+    config = load_config_file(DEFAULT_CONFIG, CATALOG)
     assert len(config.names()) == 81
     assert config.names()[:3] == ["all-disabled", "all-enabled", "all-1g.5gb"]
     (disabled,) = config.configs["all-disabled"]
@@ -46,7 +48,7 @@ def test_the_upstream_default_file_loads() -> None:
 
 
 def test_device_filters_in_string_and_list_form() -> None:
-    config = load_config_file(DEFAULT_CONFIG)
+    config = load_config_file(DEFAULT_CONFIG, CATALOG)
     balanced = config.configs["all-balanced"]
     assert len(balanced) == 12
     a30 = balanced[8]
@@ -58,14 +60,14 @@ def test_device_filters_in_string_and_list_form() -> None:
 
 
 def test_the_packaged_default_is_the_same_file() -> None:
-    assert load_default_config().digest == load_config_file(DEFAULT_CONFIG).digest
+    assert load_default_config(CATALOG).digest == load_config_file(DEFAULT_CONFIG, CATALOG).digest
 
 
 def test_digest_follows_the_bytes() -> None:
-    a = parse_config(_one("devices: all\nmig-enabled: false"))
-    b = parse_config(_one("devices: all\nmig-enabled: false") + "\n")
+    a = parse_config(_one("devices: all\nmig-enabled: false"), CATALOG)
+    b = parse_config(_one("devices: all\nmig-enabled: false") + "\n", CATALOG)
     assert a.digest != b.digest
-    assert a.digest == parse_config(_one("devices: all\nmig-enabled: false").encode()).digest
+    assert a.digest == parse_config(_one("devices: all\nmig-enabled: false").encode(), CATALOG).digest
 
 
 def test_device_filter_matching() -> None:
@@ -81,7 +83,8 @@ def test_device_filter_matching() -> None:
 
 def test_subsystem_filter_and_mixed_forms_parse() -> None:
     config = parse_config(
-        _one('devices: [0, 3]\ndevice-filter: ["0x20B510DE:0x153710DE", "0x20b010de"]\nmig-enabled: false')
+        _one('devices: [0, 3]\ndevice-filter: ["0x20B510DE:0x153710DE", "0x20b010de"]\nmig-enabled: false'),
+        CATALOG,
     )
     (entry,) = config.configs["c"]
     assert entry.devices == (0, 3)
@@ -108,7 +111,7 @@ def test_subsystem_filter_and_mixed_forms_parse() -> None:
 def test_every_integer_form_mig_parted_reads_is_accepted(
     text: str, device: int, subsystem: int | None
 ) -> None:
-    config = parse_config(_one(f'devices: all\ndevice-filter: "{text}"\nmig-enabled: false'))
+    config = parse_config(_one(f'devices: all\ndevice-filter: "{text}"\nmig-enabled: false'), CATALOG)
     (f,) = config.configs["c"][0].device_filters
     assert (f.device_id, f.subsystem_id, f.text) == (device, subsystem, text)
 
@@ -137,19 +140,21 @@ def test_filters_mig_parted_would_silently_never_match_are_refused(text: str, me
 
 
 def test_a_leading_zero_profile_is_the_canonical_profile() -> None:
-    config = parse_config(_one('devices: all\nmig-enabled: true\nmig-devices: {"01g.5gb": 7}'))
+    config = parse_config(_one('devices: all\nmig-enabled: true\nmig-devices: {"01g.5gb": 7}'), CATALOG)
     assert config.configs["c"][0].mig_devices == ((parse_profile("1g.5gb"), 7),)
     (error,) = _errors(_one('devices: all\nmig-enabled: true\nmig-devices: {"01g.5gb": 3, "1g.5gb": 4}'))
     assert error == 'mig-configs.c[0].mig-devices."1g.5gb": same profile as "01g.5gb" (write it once)'
 
 
 def test_mig_enabled_with_empty_devices_and_disabled_with_empty_map_are_fine() -> None:
-    parse_config(_one("devices: all\nmig-enabled: true\nmig-devices: {}"))
-    parse_config(_one("devices: all\nmig-enabled: false\nmig-devices: {}"))
+    parse_config(_one("devices: all\nmig-enabled: true\nmig-devices: {}"), CATALOG)
+    parse_config(_one("devices: all\nmig-enabled: false\nmig-devices: {}"), CATALOG)
 
 
 def test_zero_counts_beside_a_positive_one_are_fine() -> None:
-    config = parse_config(_one('devices: all\nmig-enabled: true\nmig-devices: {"1g.5gb": 0, "3g.20gb": 2}'))
+    config = parse_config(
+        _one('devices: all\nmig-enabled: true\nmig-devices: {"1g.5gb": 0, "3g.20gb": 2}'), CATALOG
+    )
     (entry,) = config.configs["c"]
     assert entry.requests() == {parse_profile("3g.20gb"): 2}
 
@@ -231,18 +236,20 @@ def test_each_problem_names_its_place(entry: str, expected: str) -> None:
 
 def test_profile_on_no_catalog_gpu_is_a_warning_naming_the_closest() -> None:
     # A GPU outside the catalog may offer it (its driver table says so): the verdict per GPU decides.
-    config = parse_config(_one('devices: all\nmig-enabled: true\nmig-devices: {"2g.11gb": 1}'))
+    config = parse_config(_one('devices: all\nmig-enabled: true\nmig-devices: {"2g.11gb": 1}'), CATALOG)
     assert config.configs["c"][0].mig_devices == ((parse_profile("2g.11gb"), 1),)
     (warning,) = config.warnings
     assert warning.startswith(
         'mig-configs.c[0].mig-devices."2g.11gb": profile 2g.11gb exists on no GPU in mig-guard\'s catalog'
     )
     assert "2g.10gb (A100-40GB)" in warning and "2g.12gb (A30-24GB)" in warning
-    assert not load_default_config().warnings
+    assert not load_default_config(CATALOG).warnings
 
 
 def test_known_aliases_are_accepted() -> None:
-    parse_config(_one('devices: all\nmig-enabled: true\nmig-devices: {"1g.24gb+me": 1, "3g.39gb": 1}'))
+    parse_config(
+        _one('devices: all\nmig-enabled: true\nmig-devices: {"1g.24gb+me": 1, "3g.39gb": 1}'), CATALOG
+    )
 
 
 def test_all_problems_are_reported_at_once() -> None:
@@ -314,11 +321,11 @@ def test_oversized_input_is_refused() -> None:
 
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
-        load_config_file(tmp_path / "missing.yaml")
+        load_config_file(tmp_path / "missing.yaml", CATALOG)
 
 
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"version: v1\n# \xe9\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
-        load_config_file(path)
+        load_config_file(path, CATALOG)

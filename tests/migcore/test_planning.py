@@ -152,7 +152,7 @@ def test_kept_in_place_layout_is_equivalent_valid_and_keeps_at_least_as_much(
     pair: tuple[Product, GpuGeometry, GpuGeometry],
 ) -> None:
     product, current, desired = pair
-    moved = keep_in_place(desired, current)
+    moved = keep_in_place(desired, current, CATALOG)
 
     def kinds(g: GpuGeometry) -> Counter[Any]:
         return Counter((gi.profile, tuple(sorted(ci.profile for ci in gi.compute))) for gi in g.instances)
@@ -175,7 +175,7 @@ def test_kept_in_place_layout_is_equivalent_valid_and_keeps_at_least_as_much(
 @given(st.sampled_from(PRODUCTS).flatmap(lambda key: geometries(CATALOG.products[key])))
 def test_a_gpu_that_already_matches_gets_no_operation(geometry: GpuGeometry) -> None:
     assert plan_gpu(0, geometry, geometry).operations == ()
-    assert keep_in_place(geometry, geometry) == geometry
+    assert keep_in_place(geometry, geometry, CATALOG) == geometry
     plan = plan_node({0: geometry, 1: DISABLED}, {0: geometry})
     assert plan.changed == () and plan.to_json() == {
         "gpus": [{"index": 0, "operations": []}, {"index": 1, "operations": []}]
@@ -185,7 +185,7 @@ def test_a_gpu_that_already_matches_gets_no_operation(geometry: GpuGeometry) -> 
 def test_instances_that_can_stay_stay() -> None:
     # all-balanced -> four 1g.5gb + 3g.20gb: the 3g.20gb at slot 4 and both 1g.5gb stay; only
     # the 2g.10gb is replaced by two 1g.5gb, even though placement alone puts things elsewhere.
-    target = keep_in_place(layout("A100-40GB", **{"1g.5gb": 4, "3g.20gb": 1}), BALANCED)
+    target = keep_in_place(layout("A100-40GB", **{"1g.5gb": 4, "3g.20gb": 1}), BALANCED, CATALOG)
     plan = plan_gpu(0, BALANCED, target)
     assert [op.op for op in plan.operations] == [
         "destroy-ci",
@@ -211,12 +211,14 @@ def test_a_gpu_laid_out_elsewhere_by_another_tool_is_left_alone() -> None:
         ),
     )
     assert elsewhere != BALANCED
-    assert keep_in_place(BALANCED, elsewhere) == elsewhere
-    assert plan_gpu(0, elsewhere, keep_in_place(BALANCED, elsewhere)).operations == ()
+    assert keep_in_place(BALANCED, elsewhere, CATALOG) == elsewhere
+    assert plan_gpu(0, elsewhere, keep_in_place(BALANCED, elsewhere, CATALOG)).operations == ()
 
 
 def test_only_the_compute_instances_that_differ_are_rebuilt() -> None:
-    split = keep_in_place(layout("A100-40GB", **{"1g.5gb": 2, "2g.10gb": 1, "1c.3g.20gb": 3}), BALANCED)
+    split = keep_in_place(
+        layout("A100-40GB", **{"1g.5gb": 2, "2g.10gb": 1, "1c.3g.20gb": 3}), BALANCED, CATALOG
+    )
     plan = plan_gpu(0, BALANCED, split)
     assert [op.op for op in plan.operations] == ["destroy-ci", "create-ci", "create-ci", "create-ci"]
     assert all(op.gi_start == 4 for op in plan.operations)
@@ -238,7 +240,7 @@ def test_mode_changes_reset_only_that_gpu() -> None:
 
 
 def test_pods_to_move_are_only_those_on_disturbed_instances() -> None:
-    target = keep_in_place(layout("A100-40GB", **{"1g.5gb": 4, "3g.20gb": 1}), BALANCED)
+    target = keep_in_place(layout("A100-40GB", **{"1g.5gb": 4, "3g.20gb": 1}), BALANCED, CATALOG)
     plan = plan_node({0: BALANCED, 1: BALANCED, 2: DISABLED}, {0: target, 2: SEVEN})
     pods: dict[str, DevicePlacement | list[DevicePlacement]] = {
         "on-replaced-2g": (0, 0),
@@ -299,10 +301,10 @@ def test_desired_geometries_from_a_checked_config() -> None:
             for i in range(3)
         )
     )
-    result = check_config(parse_config(CONFIG), "mixed", hardware_from_report(CATALOG, report))
+    result = check_config(parse_config(CONFIG, CATALOG), "mixed", hardware_from_report(CATALOG, report))
     assert result.valid, result.errors
     current = {0: BALANCED, 1: BALANCED, 2: BALANCED}
-    desired = desired_geometries(result, current)
+    desired = desired_geometries(result, current, CATALOG)
     assert desired[1] == DISABLED and desired[2] == BALANCED  # no entry for GPU 2: untouched
     assert sorted(gi.start for gi in desired[0].instances if gi.profile == "3g.20gb") == [4]  # kept in place
     plan: NodePlan = plan_node(current, desired)

@@ -306,10 +306,12 @@ def prepare_gpus(
     if config_name is None:
         return
     result = check_config(
-        parse_config(config_text), config_name, hardware_from_report(load_catalog(), access.discover())
+        parse_config(config_text, load_catalog()),
+        config_name,
+        hardware_from_report(load_catalog(), access.discover()),
     )
     current = access.geometries()
-    for gpu_plan in plan_node(current, desired_geometries(result, current)).changed:
+    for gpu_plan in plan_node(current, desired_geometries(result, current, load_catalog())).changed:
         access.apply(gpu_plan)
 
 

@@ -15,13 +15,13 @@ from kubernetes import client as k8s
 
 from devcluster.helpers import create_gpu_node, ensure_namespace
 from devcluster.processes import wait_until
+from kube.config_source import ConfigSource, FileFeed
 from migcore import keys
 from migcore.catalog import load_catalog
 from migcore.check import check_config, hardware_from_report
 from migcore.config import parse_config
 from migcore.geometry import GpuGeometry
 from migcore.planning import desired_geometries, plan_node
-from reconciler.config_source import FileConfigSource
 from reconciler.gpu_access import GpuAccess
 from reconciler.loop import Reconciler, Settings
 from reconciler.nvml_sim import SimulatedNvml
@@ -97,10 +97,12 @@ def layouts(config_name: str, gpus: int) -> dict[int, GpuGeometry]:
     access = GpuAccess(SimulatedNvml([A100] * gpus))
     access.start()
     result = check_config(
-        parse_config(CONFIG), config_name, hardware_from_report(load_catalog(), access.discover())
+        parse_config(CONFIG, load_catalog()),
+        config_name,
+        hardware_from_report(load_catalog(), access.discover()),
     )
     current = access.geometries()
-    return desired_geometries(result, current)
+    return desired_geometries(result, current, load_catalog())
 
 
 @dataclass
@@ -194,7 +196,7 @@ class SimNode:
         rec = Reconciler(
             api or self.api,
             access,
-            FileConfigSource(self.config_file),
+            ConfigSource(FileFeed(self.config_file), load_catalog()),
             Settings(node_name=self.name, **options),
             reboot=reboot,
         )

@@ -319,7 +319,7 @@ def test_planned_changes_applied_through_nvml_read_back_as_desired(
     access = access_for(label)
     put(access, 0, current)
     assert access.geometry(0) == current
-    desired = keep_in_place(wanted, current)
+    desired = keep_in_place(wanted, current, load_catalog())
     outcome = apply_with_rollback(access, plan_gpu(0, current, desired))
     assert outcome.ok, outcome.reason
     assert access.geometry(0) == desired
@@ -355,7 +355,8 @@ def test_a_gpu_outside_the_catalog_reports_its_table_and_takes_a_layout_judged_f
     hardware = hardware_from_report(load_catalog(), report)
     config = parse_config(
         "version: v1\nmig-configs:\n  two-3c:\n    - devices: all\n      mig-enabled: true\n"
-        '      mig-devices: {"3c.6g.96gb": 2}\n'
+        '      mig-devices: {"3c.6g.96gb": 2}\n',
+        load_catalog(),
     )
     result = check_config(config, "two-3c", hardware)
     assert result.valid is False  # compute profiles not read yet: NVML's alignment puts one 3c at 0 only
@@ -366,7 +367,7 @@ def test_a_gpu_outside_the_catalog_reports_its_table_and_takes_a_layout_judged_f
     table = learned.gpus[0].mig_table
     assert table is not None and table.profile(6) == model.table.profile(6)  # 6g's compute profiles learned
     current = access.geometries()
-    for plan in plan_node(current, desired_geometries(result, current)).changed:
+    for plan in plan_node(current, desired_geometries(result, current, load_catalog())).changed:
         access.apply(plan)
     assert access.geometry(0).device_counts() == {"3c.6g.96gb": 2}
     assert [c.start for c in access.geometry(0).instances[0].compute] == [0, 3]

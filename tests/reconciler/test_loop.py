@@ -17,15 +17,15 @@ import pytest
 import yaml
 
 from devcluster.helpers import create_gpu_node
+from kube.config_source import ConfigSource, FileFeed
 from migcore import keys
-from migcore.catalog import Catalog, catalog_from_data
+from migcore.catalog import Catalog, catalog_from_data, load_catalog
 from migcore.geometry import GpuGeometry
 from migcore.hardware import NodeGpus
-from reconciler.config_source import FileConfigSource
+from reconciler.change import Progress
 from reconciler.gpu_access import GpuAccess
 from reconciler.loop import Reconciler, Settings
 from reconciler.nvml_sim import SimulatedNvml
-from reconciler.progress import Progress
 
 A100 = "NVIDIA-A100-SXM4-40GB"
 DP = "nvidia.com/gpu.deploy.device-plugin"
@@ -58,7 +58,9 @@ def _make(
         podresources_socket=str(tmp_path / "no-kubelet.sock"),
         reboot_enabled=reboot is not None,
     )
-    return Reconciler(k8s_api, access, FileConfigSource(config_file), settings, reboot=reboot), sim
+    return Reconciler(
+        k8s_api, access, ConfigSource(FileFeed(config_file), load_catalog()), settings, reboot=reboot
+    ), sim
 
 
 def _label(rec: Reconciler, config: str) -> None:

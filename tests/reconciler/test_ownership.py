@@ -14,9 +14,10 @@ import pytest
 from kubernetes import client as k8s
 
 from devcluster.helpers import create_gpu_node
+from kube.config_source import ConfigSource, FileFeed
 from migcore import keys
+from migcore.catalog import load_catalog
 from migcore.hold import pending_reason
-from reconciler.config_source import FileConfigSource
 from reconciler.gpu_access import GpuAccess
 from reconciler.loop import Reconciler, Settings
 from reconciler.nvml_sim import SimulatedNvml
@@ -34,7 +35,7 @@ def reconciler(k8s_api: Any, tmp_path: Path) -> Reconciler:
     access = GpuAccess(SimulatedNvml([A100] * 2, state_file=tmp_path / "gpus.json"))
     access.start()
     settings = Settings(node_name=name, podresources_socket=str(tmp_path / "no-kubelet.sock"))
-    return Reconciler(k8s_api, access, FileConfigSource(config), settings)
+    return Reconciler(k8s_api, access, ConfigSource(FileFeed(config), load_catalog()), settings)
 
 
 def spoof(api: Any, name: str, labels: dict[str, str | None], annotations: dict[str, str | None]) -> None:
@@ -70,7 +71,7 @@ def test_a_success_with_no_layout_applied_is_corrected_at_start(k8s_api: Any, re
     assert "mig-guard.io/reason='all good'" in notes[0]
     state, reason = report(reconciler)
     assert state == keys.STATE_SUCCESS and reason is not None and reason.startswith("all-2g.10gb applied")
-    assert foreign_report(reconciler.node.read(), "all-2g.10gb") is None  # its own report now
+    assert foreign_report(reconciler.node.view(), "all-2g.10gb") is None  # its own report now
 
 
 def test_a_state_with_no_layout_requested_is_removed_on_resync(k8s_api: Any, reconciler: Reconciler) -> None:
@@ -99,7 +100,7 @@ def test_its_own_reports_and_the_webhooks_pending_are_left_alone(
         {keys.LABEL_MIG_CONFIG: "all-2g.10gb", keys.LABEL_MIG_STATE: keys.STATE_PENDING},
         {keys.ANNOTATION_REASON: pending_reason("all-2g.10gb")},
     )
-    assert foreign_report(reconciler.node.read(), "all-2g.10gb") is None
+    assert foreign_report(reconciler.node.view(), "all-2g.10gb") is None
     reconciler.reconcile("start")
     assert report(reconciler)[0] == keys.STATE_SUCCESS
     assert corrections(k8s_api, name) == []

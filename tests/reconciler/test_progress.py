@@ -9,8 +9,9 @@ from typing import Any
 from devcluster.helpers import create_gpu_node
 from migcore import keys
 from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec
+from reconciler.change import Progress
 from reconciler.node_state import NodeState
-from reconciler.progress import FileProgressStore, NodeProgressStore, Progress
+from reconciler.progress import FileProgressStore, NodeProgressStore
 
 BEFORE = {
     0: GpuGeometry(True, (GpuInstanceSpec(0, 4, "3g.20gb", (ComputeInstanceSpec("3g.20gb", 0),)),)),

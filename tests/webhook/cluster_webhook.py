@@ -18,9 +18,9 @@ from webhook_harness import TestAuthority, WebhookProcess
 
 from devcluster.helpers import create_gpu_node, delete_webhook, ensure_namespace
 from devcluster.pytest_plugin import KubectlRunner
+from kube.config_source import ConfigMapRef
 from migcore import keys
 from webhook import node_policy, registration
-from webhook.config_source import ConfigMapRef
 
 NAMESPACE = "mig-guard-e2e"
 CONFIGMAP = ConfigMapRef(NAMESPACE, "mig-parted-config")

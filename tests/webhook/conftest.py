@@ -21,11 +21,11 @@ from cluster_webhook import (
 from webhook_harness import TestAuthority
 
 from devcluster.pytest_plugin import KubectlRunner
+from kube.config_source import ConfigMapRef, ConfigView
 from migcore.catalog import load_catalog
 from migcore.config import load_config_file
-from webhook.config_source import ConfigMapRef
 from webhook.node_hardware import HardwareResolver
-from webhook.validation import ConfigView, NodeRules
+from webhook.validation import NodeRules
 
 RECONCILER = "system:serviceaccount:mig-guard:reconciler"
 
@@ -38,7 +38,8 @@ def default_config_file() -> Path:
 @pytest.fixture(scope="session")
 def config_view(default_config_file: Path) -> ConfigView:
     return ConfigView(
-        load_config_file(default_config_file), "ConfigMap gpu-operator/default-mig-parted-config"
+        load_config_file(default_config_file, load_catalog()),
+        "ConfigMap gpu-operator/default-mig-parted-config",
     )
 
 

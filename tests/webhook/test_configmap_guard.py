@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import yaml
 from webhook_harness import gfd_labels, node, review
 
+from kube.config_source import ConfigMapRef
+from kube.node import NodeView
 from migcore import keys
-from webhook.config_source import ConfigMapRef
 from webhook.configmap_guard import ConfigMapGuard, GuardMode
 from webhook.node_hardware import HardwareResolver
-from webhook.node_view import NodeView
 from webhook.review import request_from_review
 from webhook.verdict import Verdict
 

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from webhook_harness import annotate, apply_patch, gfd_labels, node, relabel
 
+from kube.node import NodeView
 from migcore import keys
 from migcore.hold import HoldMode, HoldRecord
 from webhook.mutation import mutation_patch, pointer
-from webhook.node_view import NodeView
 from webhook.validation import NodeChange
 
 NOW = "2026-11-28T15:00:00Z"

@@ -5,13 +5,14 @@ from __future__ import annotations
 from conftest import RECONCILER
 from webhook_harness import A100, annotate, gfd_labels, node, relabel
 
+from kube.config_source import ConfigView
+from kube.node import NodeView
 from migcore import keys
 from migcore.catalog import load_catalog
 from migcore.hardware import DiscoveredGpu, NodeGpus
 from migcore.hold import HoldRecord, pending_reason
 from webhook.node_hardware import HardwareResolver
-from webhook.node_view import NodeView
-from webhook.validation import ConfigView, NodeChange, NodeRules
+from webhook.validation import NodeChange, NodeRules
 
 
 def change(old: dict | None, new: dict) -> NodeChange:

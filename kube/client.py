@@ -1,42 +1,45 @@
-"""Transient Kubernetes API errors are retried where they happen, with backoff, so that one
-overloaded API server, one webhook timing out or one dropped connection never fails a change
-(and rolls GPUs back) or stops the agent.
+"""The Kubernetes API client both parts use: built from a kubeconfig, else the pod's in-cluster
+credentials, else the user's default kubeconfig; for the reconciler, retrying transient errors.
 
-`RetryingApiClient` is the kubernetes `ApiClient` every part of the reconciler talks through:
-each request that fails with a 5xx, a 429 (API Priority and Fairness; an Eviction's 429 is a
-PodDisruptionBudget's answer and goes back to the evictor), a timeout or a broken connection is
-sent again after 0.2 s, 0.4 s, ... (at most `max_delay` apart) until `budget` seconds have passed;
-then the error is raised as it came. Every request also gets a timeout, so a server that stops
-answering is an error, not a hang (watches excepted: they wait by design). Conflicts (409) are
-not resent blindly: a guarded write must be recomputed from a fresh read, which
-`NodeState.apply` does.
+Transient errors are retried where they happen, with backoff, so that one overloaded API server,
+one webhook timing out or one dropped connection never fails a change (and rolls GPUs back) or
+stops the agent. `RetryingApiClient` sends each request that fails with a 5xx, a 429 (API Priority
+and Fairness; an Eviction's 429 is a PodDisruptionBudget's answer and goes back to the evictor), a
+timeout or a broken connection again after 0.2 s, 0.4 s, ... (at most `max_delay` apart) until
+`budget` seconds have passed; then the error is raised as it came. Every request also gets a
+timeout, so a server that stops answering is an error, not a hang (watches excepted: they wait by
+design). Conflicts (409) are not resent blindly: a guarded write must be recomputed from a fresh
+read, which `reconciler.node_state.NodeState.apply` does.
 """
 
 from __future__ import annotations
 
-import http.client
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import urllib3
 from kubernetes import client as k8s
-from kubernetes.client import ApiException
+from kubernetes import config as k8s_config
 
-log = logging.getLogger(__name__)
+from kube.errors import TRANSIENT_STATUSES, is_transient
 
-TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
-# What urllib3 and the socket layer raise for a timeout, a refused or dropped connection.
-TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    urllib3.exceptions.HTTPError,
-    http.client.HTTPException,
-    ConnectionError,
-    TimeoutError,
-)
-# Everything a Kubernetes API call raises when the API server answers an error or not at all.
-API_ERRORS: tuple[type[BaseException], ...] = (ApiException, *TRANSPORT_ERRORS)
+log = logging.getLogger("mig_guard.kube.client")
+
+
+def api_client(kubeconfig: str | Path | None = None) -> Any:
+    """An ApiClient from `kubeconfig`, else in-cluster, else the default kubeconfig. Raises what
+    the client raises for a missing or bad kubeconfig. Build one per process after any fork
+    (connection pools do not survive one)."""
+    if kubeconfig:
+        return k8s_config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    try:
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    return k8s.ApiClient()
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,6 @@ class RetryPolicy:
     max_delay: float = 5.0
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-
-
-def is_transient(exc: BaseException) -> bool:
-    """An error that the same request may not meet again a moment later."""
-    if isinstance(exc, ApiException):
-        return exc.status in TRANSIENT_STATUSES or not exc.status  # 0: no answer (TLS, connection)
-    return isinstance(exc, TRANSPORT_ERRORS)
 
 
 def _is_eviction(url: str) -> bool:

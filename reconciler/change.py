@@ -1,0 +1,688 @@
+"""A change of the node's GPUs to a new layout: a transaction of named steps, its record, and
+how it ends.
+
+The steps, in order (one method each; the phase is recorded before the step acts):
+
+    begin            STARTING -> PAUSING   hold the node, pause the GPU operands, record: one Node write
+    announce                               the plan and the pods it moves, in an Event
+    drain_operands   PAUSING               wait for the paused operands' pods to leave the node
+    evict            EVICTING              evict the pods on what changes (PodDisruptionBudgets respected)
+    refuse_busy_gpus                       refuse GPUs that still run compute processes there
+    apply            APPLYING              apply the plan GPU by GPU, each read back
+    prepare_reboot   REBOOTING             a mode change only a host reboot activates: evict every GPU
+                                           pod, set the other pending modes, record
+    finish                                 operands back, hold lifted, GPUs published, state reported:
+                                           one Node write
+    reboot                                 the host, once (after `prepare_reboot`)
+
+What happens in each phase is decided by the phase itself (`Phase.on_failure`, `Phase.on_restart`),
+never by comparing names, so a new step must say it:
+
+- A step that fails, in every phase, rolls back: every GPU that differs from `before` is put back
+  (all of them are tried; one that cannot be is named in the reason with what it holds), then the
+  change finishes as failed. The invariant: every GPU holds its layout from before or the new one,
+  with no MIG mode left pending, and the reason says which. A Kubernetes API error is no verdict on
+  the config: the change still rolls back and finishes, and the error goes to the loop, which
+  retries soon.
+- A change interrupted (the agent killed, the host rebooted) resumes from its record when the
+  agent comes back: STARTING, PAUSING, EVICTING and APPLYING resume by planning again from the
+  GPUs as they are, to the same layout, with the same rollback target and operand values;
+  REBOOTING resumes after checking that the reboot activated every mode change (a mode still
+  pending or not activated fails the change, which rolls back). Whatever the phase, a label
+  removed or a config no longer usable rolls back instead (`abandon`, `reject`).
+
+The collaborators (the Node, the GPU operands, the evictor, the GPUs, the workload finder, the
+record's store, the hardware report) come in through `Parts`, so each step runs without an API
+server in the unit tests (tests/reconciler/test_change.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from kube.errors import API_ERRORS, describe
+from kube.node import NodeView
+from migcore import keys
+from migcore.catalog import Catalog
+from migcore.check import CheckResult
+from migcore.geometry import GpuGeometry
+from migcore.hold import HoldMode
+from migcore.planning import DevicePlacement, GpuPlan, NodePlan, Operation, desired_geometries, pods_to_move
+from reconciler.eviction import EvictionError
+from reconciler.gpu_access import GpuAccess, GpuError
+from reconciler.gpu_apply import apply_with_rollback, clear_pending_mode, roll_back
+from reconciler.metrics import Metrics
+from reconciler.node_state import NodeEdit, now_rfc3339
+from reconciler.operands import OperandTimeoutError, to_pause
+from reconciler.operands import describe as describe_operands
+from reconciler.workloads import PodRef
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BUSY_POLL_SECONDS = 1.0
+
+
+# --- the phases -------------------------------------------------------------------------------------
+
+
+class OnFailure(enum.Enum):
+    """What a step failing in a phase does."""
+
+    ROLL_BACK = "every GPU that differs from before the change is put back"
+
+
+class OnRestart(enum.Enum):
+    """What an agent that finds a change interrupted in a phase does."""
+
+    RESUME = "plan again from the GPUs as they are, to the same layout and rollback target"
+    CHECK_REBOOT = "check that the reboot activated every mode change, then resume (else roll back)"
+
+
+class Phase(enum.StrEnum):
+    """Where a change is; its value is what the record on the Node says."""
+
+    on_failure: OnFailure
+    on_restart: OnRestart
+
+    def __new__(cls, value: str, on_failure: OnFailure, on_restart: OnRestart) -> Phase:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.on_failure = on_failure
+        member.on_restart = on_restart
+        return member
+
+    STARTING = ("starting", OnFailure.ROLL_BACK, OnRestart.RESUME)
+    PAUSING = ("pausing", OnFailure.ROLL_BACK, OnRestart.RESUME)
+    EVICTING = ("evicting", OnFailure.ROLL_BACK, OnRestart.RESUME)
+    APPLYING = ("applying", OnFailure.ROLL_BACK, OnRestart.RESUME)
+    REBOOTING = ("rebooting", OnFailure.ROLL_BACK, OnRestart.CHECK_REBOOT)
+
+    @staticmethod
+    def parse(text: object) -> Phase:
+        """The phase a record names; one this version does not know (a newer agent's) resumes
+        like STARTING: planned again, rolled back on failure."""
+        for phase in Phase:
+            if phase.value == text:
+                return phase
+        return Phase.STARTING
+
+
+# --- the record -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """What a change has done so far, persisted before each step (crash safety): the operand
+    labels it paused and their exact previous values (restored, not guessed), the GPUs' layouts
+    before the change (the rollback target, even when the GPUs are half-way), and whether a
+    reboot was attempted (at most one per change)."""
+
+    config: str
+    config_digest: str
+    before: dict[int, GpuGeometry]
+    operands: dict[str, str] = field(default_factory=dict)
+    phase: Phase = Phase.STARTING
+    step: int = 0
+    reboot_attempted: bool = False
+    started_at: str = field(default_factory=now_rfc3339)
+
+    def __post_init__(self) -> None:
+        self.phase = Phase.parse(self.phase)  # a plain "applying" too
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "config": self.config,
+            "configDigest": self.config_digest,
+            "before": {str(i): g.to_json() for i, g in sorted(self.before.items())},
+            "operands": dict(sorted(self.operands.items())),
+            "phase": str(self.phase),
+            "step": self.step,
+            "rebootAttempted": self.reboot_attempted,
+            "startedAt": self.started_at,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True)
+
+    @staticmethod
+    def loads(text: str) -> Progress:
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or raw.get("version") != FORMAT_VERSION:
+            raise ValueError(f"progress record: expected an object with version {FORMAT_VERSION}")
+        return Progress(
+            config=str(raw["config"]),
+            config_digest=str(raw.get("configDigest", "")),
+            before={int(i): GpuGeometry.from_json(g) for i, g in raw.get("before", {}).items()},
+            operands={str(k): str(v) for k, v in raw.get("operands", {}).items()},
+            phase=Phase.parse(raw.get("phase")),
+            step=int(raw.get("step", 0)),
+            reboot_attempted=bool(raw.get("rebootAttempted", False)),
+            started_at=str(raw.get("startedAt", "")),
+        )
+
+
+# --- the collaborators ------------------------------------------------------------------------------
+
+
+class NodeWriter(Protocol):
+    """The reconciler's own Node (`reconciler.node_state.NodeState`)."""
+
+    def apply(self, edit: NodeEdit | Callable[[NodeView], NodeEdit]) -> NodeEdit: ...
+    def event(self, event_type: str, reason: str, note: str, action: str = "Reconcile") -> None: ...
+
+
+class OperandPods(Protocol):
+    """The GPU Operator's operands on this node (`reconciler.operands.Operands`)."""
+
+    def wait_gone(self, paused: Mapping[str, str], timeout: float) -> None: ...
+
+
+class PodEvictor(Protocol):
+    """`reconciler.eviction.Evictor`."""
+
+    def evict(self, pods: Sequence[PodRef]) -> list[PodRef]: ...
+
+
+class WorkloadFinder(Protocol):
+    """Which pods use which GPU (`reconciler.workloads.WorkloadFinder`)."""
+
+    def placements(
+        self, device_ids: Mapping[int, Mapping[str, int | None]]
+    ) -> tuple[dict[PodRef, list[DevicePlacement]], str]: ...
+
+
+class ProgressStore(Protocol):
+    """Where the record lives (`reconciler.progress`). `on_node`: the record is the Node
+    annotation, written together with the rest of a step (one Node write) instead of through
+    save/clear."""
+
+    on_node: bool
+
+    def load(self) -> Progress | None: ...
+    def save(self, progress: Progress) -> None: ...
+    def clear(self) -> None: ...
+
+
+class HardwareReport(Protocol):
+    """The GPUs annotation a change's last write carries (`reconciler.discovery`)."""
+
+    def patch(self) -> dict[str, str | None]:
+        """The annotation when it changed (else empty), remembered for `written`."""
+        ...
+
+    def written(self) -> None:
+        """The Node write that carried `patch()` succeeded."""
+        ...
+
+
+class ChangeSettings(Protocol):
+    hold_mode: HoldMode
+    operand_timeout: float
+    busy_gpu_timeout: float
+    reboot_enabled: bool
+
+
+@dataclass
+class Parts:
+    """Everything a change acts on."""
+
+    node: NodeWriter
+    gpus: GpuAccess
+    operands: OperandPods
+    evictor: PodEvictor
+    workloads: WorkloadFinder
+    store: ProgressStore
+    metrics: Metrics
+    report: HardwareReport
+    reboot: Callable[[], None]
+
+
+class BusyGpuError(Exception):
+    """A GPU that is about to change still runs compute processes; it is not touched."""
+
+
+class RebootRefusedError(Exception):
+    """A host reboot would end work that cannot be moved first; the change is rolled back."""
+
+
+# --- shared by a change and the other ways a change ends --------------------------------------------
+
+
+def join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def success_reason(name: str, result: CheckResult) -> str:
+    return f"{name} applied: {result.summary()}"
+
+
+def target_layouts(
+    result: CheckResult, current: Mapping[int, GpuGeometry], progress: Progress | None, catalog: Catalog
+) -> dict[int, GpuGeometry]:
+    """The config's layouts; while a change is in flight, a GPU no entry covers is due its layout
+    from before the change (a host reboot for the change emptied it)."""
+    desired = desired_geometries(result, current, catalog)
+    if progress is not None:
+        for verdict in result.gpus:
+            if verdict.entry is None or verdict.mig_enabled is None:
+                before = progress.before.get(verdict.index)
+                if before is not None and verdict.index in desired:
+                    desired[verdict.index] = before
+    return desired
+
+
+def record(store: ProgressStore, progress: Progress | None) -> dict[str, str | None]:
+    """Annotations that record `progress` (None: no change in flight) in the Node write they
+    join; a record kept on the host is written now instead (before that Node write)."""
+    if store.on_node:
+        return {keys.ANNOTATION_PROGRESS: progress.dumps() if progress is not None else None}
+    if progress is not None:
+        store.save(progress)
+    return {}
+
+
+def restore(gpus: GpuAccess, before: Mapping[int, GpuGeometry]) -> str:
+    """Put every GPU that differs from `before` back, trying every one of them; says how that
+    went, naming each GPU that could not be restored and what it holds now."""
+    restored: list[int] = []
+    failed: list[str] = []
+    for index, target in sorted(before.items()):
+        try:
+            now = gpus.geometry(index)
+            if now in (target, target.settled()):
+                continue
+            final = roll_back(gpus, index, target)
+            if final in (target, target.settled()):
+                restored.append(index)
+                continue
+            problem = f"it read back {final.summary()}"
+        except GpuError as exc:
+            problem = str(exc)
+        # Whatever else it holds, no MIG mode left pending for the next reboot to activate.
+        with contextlib.suppress(GpuError):
+            clear_pending_mode(gpus, index)
+        try:
+            holds = gpus.geometry(index).summary()
+        except GpuError as exc:
+            holds = f"unreadable ({exc})"
+        failed.append(f"GPU {index} was not restored, it holds: {holds} (rollback: {problem})")
+    done = [f"GPU {', '.join(map(str, restored))} rolled back to the previous layout"] if restored else []
+    return join(*done, *failed)
+
+
+def release(
+    parts: Parts,
+    progress: Progress | None,
+    state: str,
+    reason: str,
+    *,
+    condition_reason: str | None = None,
+) -> None:
+    """The end of anything that held the node: operands back, hold lifted, record gone, GPUs
+    published, the state reported: one Node write (and the condition, an Event)."""
+    parts.node.apply(
+        NodeEdit(
+            state=state,
+            reason=reason,
+            annotations={**record(parts.store, None), **parts.report.patch()},
+            restore=progress.operands if progress is not None else {},
+            lift_hold=True,
+            condition_reason=condition_reason,
+        )
+    )
+    if not parts.store.on_node:
+        parts.store.clear()
+    parts.report.written()
+
+
+def settle(parts: Parts, progress: Progress | None, reason: str) -> None:
+    """The GPUs already hold the layout: say so (and undo anything an interrupted change left)."""
+    release(parts, progress, keys.STATE_SUCCESS, reason)
+
+
+def reject(parts: Parts, hold_mode: HoldMode, name: str, progress: Progress | None, reason: str) -> None:
+    """An unusable config: hold the node while judging it (works without the webhook), leave the
+    GPUs as they are (or roll back an interrupted change), report, release."""
+    parts.node.apply(NodeEdit(take_hold=(hold_mode, name)))
+    try:
+        if progress is not None:
+            reason = join(reason, restore(parts.gpus, progress.before))
+    finally:
+        parts.metrics.outcomes.labels(outcome=keys.STATE_FAILED).inc()
+        release(parts, progress, keys.STATE_FAILED, reason, condition_reason="InvalidConfig")
+
+
+def abandon(parts: Parts, progress: Progress | None) -> None:
+    """The layout label was removed: roll back an interrupted change, release the node."""
+    back = restore(parts.gpus, progress.before) if progress is not None else ""
+    release(parts, progress, keys.STATE_FAILED, join(f"the {keys.LABEL_MIG_CONFIG} label was removed", back))
+
+
+# --- the change ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a change ended: the state reported (rebooting: the host reboots now), the reason, an
+    API error that ended it (no verdict on the config; the loop retries), and whether a newer
+    layout label is waiting (the loop applies it next)."""
+
+    state: str
+    reason: str
+    api_failure: BaseException | None = None
+    newer: bool = False
+
+
+def _indexes(gpus: Sequence[GpuPlan]) -> str:
+    return ", ".join(str(g.index) for g in gpus)
+
+
+def _not_activated(gpu: GpuPlan) -> str:
+    """Why a mode change that the reboot should have activated is not: it says "pending"."""
+    want = "enabled" if gpu.desired.mig_enabled else "disabled"
+    still = "still pending" if gpu.current.mig_pending == gpu.desired.mig_enabled else "no longer pending"
+    return f"GPU {gpu.index}: the reboot did not activate MIG {want} (the mode change is {still}; the GPU holds {gpu.current.summary()})"
+
+
+class Change:
+    """One change to config `name` on this node (see the module docstring)."""
+
+    def __init__(
+        self,
+        parts: Parts,
+        settings: ChangeSettings,
+        *,
+        name: str,
+        digest: str,
+        result: CheckResult,
+        plan: NodePlan,
+        current: Mapping[int, GpuGeometry],
+        progress: Progress | None,
+    ) -> None:
+        self.parts = parts
+        self.settings = settings
+        self.name = name
+        self.result = result
+        self.plan = plan
+        self.note = ""
+        if progress is None:
+            progress = Progress(config=name, config_digest=digest, before=dict(current))
+        elif progress.config != name:
+            # The label changed while a change was interrupted or rebooting: this is a new change
+            # (its own reboot allowed), rolling back to the same GPUs as before the first one.
+            self.note = f"{keys.LABEL_MIG_CONFIG} changed from {progress.config} while that change was {progress.phase}"
+            progress = Progress(
+                config=name, config_digest=digest, before=progress.before, operands=progress.operands
+            )
+        else:  # an interrupted change: keep what it recorded (the original GPUs, the operand values)
+            progress.config_digest = digest
+        self.progress = progress
+
+    def run(self) -> Outcome:
+        """Every step in order; whatever fails, the GPUs end as before or as planned (see above)."""
+        started = time.monotonic()
+        outcome = Outcome(keys.STATE_FAILED, "")
+        try:
+            if self.progress.phase.on_restart is OnRestart.CHECK_REBOOT:  # resumed in that phase
+                self.check_reboot()
+            self.begin()
+            movers = self.announce()
+            self.drain_operands()
+            self.evict(movers)
+            self.refuse_busy_gpus()
+            outcome = self.apply()
+        except (OperandTimeoutError, EvictionError, BusyGpuError, GpuError, RebootRefusedError) as exc:
+            outcome = Outcome(keys.STATE_FAILED, f"{self.name} not applied: {exc}")
+        except API_ERRORS as exc:
+            log.warning("change to %s failed: %s", self.name, exc)
+            outcome = Outcome(keys.STATE_FAILED, f"{self.name} not applied: {describe(exc)}", exc)
+        except Exception as exc:
+            log.exception("change to %s failed", self.name)
+            outcome = Outcome(keys.STATE_FAILED, f"{self.name} not applied: unexpected error: {exc}")
+        finally:
+            if outcome.state == keys.STATE_FAILED and self.progress.phase.on_failure is OnFailure.ROLL_BACK:
+                outcome = replace(outcome, reason=join(outcome.reason, self.roll_back()))
+            if outcome.state == keys.STATE_REBOOTING:
+                self.parts.metrics.outcomes.labels(outcome=outcome.state).inc()
+            else:
+                outcome = self.finish(outcome, started)
+        if outcome.state == keys.STATE_REBOOTING:
+            outcome = self.reboot(started)
+        return outcome
+
+    # --- the steps ------------------------------------------------------------------------------------
+
+    def check_reboot(self) -> None:
+        """After the host reboot: every mode change it was for must be active now."""
+        stuck = [g for g in self.plan.changed if g.mode_changes]
+        if stuck:
+            raise GpuError("; ".join(_not_activated(g) for g in stuck))
+
+    def begin(self) -> None:
+        """Pending, held, operands paused, progress recorded: one Node write (and the condition)."""
+        progress = self.progress
+
+        def begin(node: NodeView) -> NodeEdit:
+            if not progress.operands:
+                progress.operands = to_pause(dict(node.labels))
+            progress.phase = Phase.PAUSING
+            what = f"applying {self.name}: {self.plan.describe()}"
+            if progress.operands:
+                what += f"; pausing GPU operands ({describe_operands(progress.operands)})"
+            return NodeEdit(
+                state=keys.STATE_PENDING,
+                reason=join(what, self.note),
+                labels=dict.fromkeys(progress.operands, keys.PAUSED_FOR_MIG_CHANGE),
+                annotations=record(self.parts.store, progress),
+                take_hold=(self.settings.hold_mode, self.name),
+                event_reason="Reconfiguring",
+            )
+
+        self.parts.node.apply(begin)
+
+    def announce(self) -> list[PodRef]:
+        """The plan and the pods it moves, in an Event; returns those pods."""
+        placements, source = self.parts.workloads.placements(self._device_ids())
+        movers = pods_to_move(self.plan, placements)
+        self.parts.node.event(
+            "Normal",
+            "Plan",
+            f"{self.plan.describe()}; pods to move ({source}): {', '.join(map(str, movers)) or 'none'}",
+        )
+        return movers
+
+    def drain_operands(self) -> None:
+        """Wait for the paused operands' pods to leave the node."""
+        if self.progress.operands:
+            paused = describe_operands(self.progress.operands)
+            self.parts.node.event(
+                "Normal", "PausingOperands", f"{self.name}: waiting for GPU operands to go ({paused})"
+            )
+        self.parts.operands.wait_gone(self.progress.operands, self.settings.operand_timeout)
+
+    def evict(self, movers: Sequence[PodRef]) -> None:
+        if movers:
+            self._step(
+                Phase.EVICTING, "Evicting", f"evicting {len(movers)} pods: {', '.join(map(str, movers))}"
+            )
+        evicted = self.parts.evictor.evict(movers)
+        self.parts.metrics.evictions.inc(len(evicted))
+
+    def refuse_busy_gpus(self) -> None:
+        """Wait up to `busy_gpu_timeout` for compute processes on what changes to end (0: refuse
+        at once)."""
+        deadline = time.monotonic() + self.settings.busy_gpu_timeout
+        while (why := self._busy(self.plan.changed)) is not None:
+            if time.monotonic() >= deadline:
+                raise BusyGpuError(f"{why}; it was not touched")
+            time.sleep(BUSY_POLL_SECONDS)
+
+    def apply(self) -> Outcome:
+        """The plan, GPU by GPU (each rolled back by itself if it fails), then read back whole."""
+        changed = self.plan.changed
+        self._step(
+            Phase.APPLYING,
+            "Applying",
+            f"applying {len(self.plan.operations)} NVML operations on GPU {_indexes(changed)}",
+        )
+
+        def done(op: Operation, _i: int) -> None:
+            self.progress.step += 1  # in the record at its next write, not a write per operation
+            self.parts.metrics.nvml_operations.labels(op=op.op).inc()
+
+        for n, gpu_plan in enumerate(changed):
+            reboot_allowed = self.settings.reboot_enabled and not self.progress.reboot_attempted
+            outcome = apply_with_rollback(self.parts.gpus, gpu_plan, done, reboot_allowed=reboot_allowed)
+            if outcome.ok:
+                continue
+            if outcome.needs_reboot:
+                return self.prepare_reboot(changed, n)
+            return Outcome(keys.STATE_FAILED, f"{self.name} not applied: {outcome.reason}")
+        final = self.parts.gpus.geometries()
+        wrong = [g.index for g in self.plan.gpus if final.get(g.index) != g.desired]
+        if wrong:
+            return Outcome(
+                keys.STATE_FAILED,
+                f"{self.name} not applied: GPU {', '.join(map(str, wrong))} read back a different layout than planned",
+            )
+        return Outcome(keys.STATE_SUCCESS, success_reason(self.name, self.result))
+
+    def prepare_reboot(self, changed: Sequence[GpuPlan], n: int) -> Outcome:
+        """Before the one host reboot: it ends every process on every GPU of the node, so every
+        pod on any GPU is evicted first (PodDisruptionBudgets respected), or there is no reboot.
+        Then the pending MIG mode is set on every other GPU whose mode changes, so that the one
+        reboot activates them all."""
+        placements, _ = self.parts.workloads.placements(self._device_ids())
+        everyone = sorted(placements)
+        if everyone:
+            pods = ", ".join(map(str, everyone))
+            self._step(Phase.EVICTING, "Evicting", f"a host reboot ends every GPU pod: evicting {pods}")
+            try:
+                self.parts.metrics.evictions.inc(len(self.parts.evictor.evict(everyone)))
+            except EvictionError as exc:
+                raise RebootRefusedError(
+                    f"the host was not rebooted: a reboot ends every GPU pod, and {exc}"
+                ) from exc
+        busy = self._busy()
+        if busy is not None:
+            raise RebootRefusedError(f"the host was not rebooted: {busy}, which a reboot would end")
+        self.progress.reboot_attempted = True
+        self._set_pending_modes(changed[n + 1 :])
+        reason = f"GPU {changed[n].index} needs a host reboot to change MIG mode for {self.name}: rebooting"
+        self.progress.phase = Phase.REBOOTING
+        self.parts.node.apply(
+            NodeEdit(
+                state=keys.STATE_REBOOTING, reason=reason, annotations=record(self.parts.store, self.progress)
+            )
+        )
+        return Outcome(keys.STATE_REBOOTING, reason)
+
+    def roll_back(self) -> str:
+        """Every GPU that differs from before the change, back (see `restore`)."""
+        return restore(self.parts.gpus, self.progress.before)
+
+    def finish(self, outcome: Outcome, started: float) -> Outcome:
+        """Every exit: operands back, hold lifted (unless a newer change is waiting), record gone,
+        GPUs published, state reported: one Node write (and the condition, an Event)."""
+        gpus = self.parts.report.patch()
+        newer: list[str] = []
+
+        def end(node: NodeView) -> NodeEdit:
+            desired_now = node.labels.get(keys.LABEL_MIG_CONFIG, "")
+            annotations = {**record(self.parts.store, None), **gpus}
+            newer[:] = [desired_now] if desired_now != self.name else []
+            if newer:
+                # Not pending for long: the label change queued a wake that applies the new value now.
+                return NodeEdit(
+                    state=keys.STATE_PENDING,
+                    reason=f"{outcome.reason}; {keys.LABEL_MIG_CONFIG} changed to {desired_now or '(none)'} meanwhile: applying that next",
+                    annotations=annotations,
+                    restore=self.progress.operands,
+                )
+            return NodeEdit(
+                state=outcome.state,
+                reason=outcome.reason,
+                annotations=annotations,
+                restore=self.progress.operands,
+                lift_hold=True,
+            )
+
+        self.parts.node.apply(end)
+        if not self.parts.store.on_node:
+            self.parts.store.clear()
+        self.parts.report.written()
+        self.parts.metrics.outcomes.labels(outcome=outcome.state).inc()
+        self.parts.metrics.reconcile_seconds.observe(time.monotonic() - started)
+        return replace(outcome, newer=bool(newer))
+
+    def reboot(self, started: float) -> Outcome:
+        """The host, once; if that fails, never stay in "rebooting" with the operands paused."""
+        try:
+            self.parts.reboot()
+        except Exception as exc:
+            log.exception("reboot failed")
+            back = self.roll_back()
+            reason = join(f"{self.name} not applied: the host reboot failed: {exc}", back)
+            return self.finish(Outcome(keys.STATE_FAILED, reason), started)
+        return Outcome(keys.STATE_REBOOTING, "")
+
+    # --- helpers --------------------------------------------------------------------------------------
+
+    def _step(self, phase: Phase, event_reason: str, what: str) -> None:
+        """A step of a change: progress recorded and the step in the reason, one Node write (the
+        condition keeps the change's message; the step is in the Event)."""
+        self.progress.phase = phase
+        self.parts.node.apply(
+            NodeEdit(
+                state=keys.STATE_PENDING,
+                reason=f"{self.progress.config}: {what}",
+                annotations=record(self.parts.store, self.progress),
+                condition=False,
+                event_reason=event_reason,
+            )
+        )
+
+    def _device_ids(self) -> dict[int, dict[str, int | None]]:
+        return {i: self.parts.gpus.device_ids(i) for i in range(self.parts.gpus.gpu_count())}
+
+    def _busy(self, gpus: Sequence[GpuPlan] | None = None) -> str | None:
+        """Why a GPU about to change cannot be touched yet (compute processes on what changes);
+        with `gpus` None, any compute process on any GPU (what a host reboot would end)."""
+        indexes = (
+            [(g.index, g) for g in gpus if g.disturbs_workloads]
+            if gpus is not None
+            else [(i, None) for i in range(self.parts.gpus.gpu_count())]
+        )
+        for index, gpu in indexes:
+            for gi_start, pids in self.parts.gpus.processes(index).items():
+                if not pids:
+                    continue
+                if gpu is None or gpu.mode_changes or gi_start is None or gi_start in gpu.affected_gi_starts:
+                    where = "the GPU" if gi_start is None else f"the GPU instance at {gi_start}"
+                    return (
+                        f"GPU {index} still runs compute processes on {where} "
+                        f"(pids {', '.join(map(str, sorted(pids)))})"
+                    )
+        return None
+
+    def _set_pending_modes(self, gpu_plans: Sequence[GpuPlan]) -> None:
+        """Set the pending MIG mode on every GPU whose mode changes (the steps up to its reset)."""
+        for gpu_plan in gpu_plans:
+            if not gpu_plan.mode_changes:
+                continue
+            ops = gpu_plan.operations
+            upto = next((k for k, op in enumerate(ops) if op.op == "reset-gpu"), len(ops))
+            try:
+                self.parts.gpus.apply(replace(gpu_plan, operations=ops[:upto]))
+            except GpuError as exc:
+                if not exc.needs_reboot:  # the check after the reboot reports what did not change
+                    log.warning("GPU %d: could not set the pending MIG mode: %s", gpu_plan.index, exc)

@@ -1,0 +1,474 @@
+"""The change transaction step by step, without an API server: the GPUs are the simulated NVML
+(through the real GpuAccess), the Node is kept in memory and changed through the reconciler's own
+patch encoding, and the operands, the evictor and the workload finder are in-memory stand-ins of
+their protocols. The same behaviour against the real API server: test_loop.py, test_e2e_*.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+from kubernetes.client import ApiException
+from node_harness import A100, DP
+from node_harness import CONFIG as HARNESS_CONFIG
+
+from kube.node import NodeView
+from migcore import keys
+from migcore.catalog import load_catalog
+from migcore.check import check_config, hardware_from_report
+from migcore.config import parse_config
+from migcore.hold import HoldMode, HoldRecord
+from migcore.planning import DevicePlacement, plan_node
+from reconciler import change
+from reconciler.change import Change, OnFailure, OnRestart, Outcome, Parts, Phase, Progress
+from reconciler.eviction import EvictionError
+from reconciler.gpu_access import GpuAccess
+from reconciler.metrics import Metrics
+from reconciler.node_state import NodeEdit, _body
+from reconciler.nvml_sim import SimulatedNvml
+from reconciler.operands import OperandTimeoutError
+from reconciler.workloads import PodRef
+
+CATALOG = load_catalog()
+CONFIG = parse_config(HARNESS_CONFIG, CATALOG)
+POD = PodRef("ml", "train-0")
+
+
+# --- in-memory stand-ins of the collaborators --------------------------------------------------------
+
+
+def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
+    """RFC 7386 JSON merge patch."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
+class MemoryNode:
+    """The Node as JSON in memory; each NodeEdit goes through the reconciler's merge-patch encoding."""
+
+    def __init__(self, labels: Mapping[str, str]) -> None:
+        self.obj: dict[str, Any] = {
+            "metadata": {"name": "n", "labels": dict(labels), "annotations": {}},
+            "spec": {},
+        }
+        self.events: list[tuple[str, str]] = []
+        self.writes: list[dict[str, Any]] = []
+        self.during_write: Callable[[], None] | None = None
+
+    def view(self) -> NodeView:
+        return NodeView.of(self.obj)
+
+    def apply(self, edit: NodeEdit | Callable[[NodeView], NodeEdit]) -> NodeEdit:
+        if self.during_write is not None:
+            self.during_write()
+        made = edit(self.view()) if callable(edit) else edit
+        body = _body(self.view(), made)
+        if body is not None:
+            _merge(self.obj, body)
+            self.writes.append(body)
+        if made.state is not None:
+            self.events.append((made.event_reason or made.state, made.reason or ""))
+        return made
+
+    def event(self, event_type: str, reason: str, note: str, action: str = "Reconcile") -> None:
+        self.events.append((reason, note))
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.view().labels)
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return dict(self.view().annotations)
+
+    def held(self) -> bool:
+        return keys.ANNOTATION_HOLD in self.annotations or bool(self.view().taints)
+
+
+class NodeStore:
+    """The record in the node's annotation, as `reconciler.progress.NodeProgressStore` keeps it."""
+
+    on_node = True
+
+    def __init__(self, node: MemoryNode) -> None:
+        self.node = node
+
+    def load(self) -> Progress | None:
+        text = self.node.annotations.get(keys.ANNOTATION_PROGRESS)
+        return Progress.loads(text) if text else None
+
+    def save(self, progress: Progress) -> None:
+        raise AssertionError("a record on the node is written with the step, not saved apart")
+
+    def clear(self) -> None:
+        raise AssertionError("a record on the node is removed with the last write")
+
+
+@dataclass
+class Operands:
+    still_there: str = ""  # pods left after the timeout
+    waited: list[dict[str, str]] = field(default_factory=list)
+
+    def wait_gone(self, paused: Mapping[str, str], timeout: float) -> None:
+        self.waited.append(dict(paused))
+        if self.still_there:
+            raise OperandTimeoutError(
+                f"GPU operand pods still on the node after {timeout:g}s: {self.still_there}"
+            )
+
+
+@dataclass
+class Evictor:
+    refuse: str = ""
+    evicted: list[PodRef] = field(default_factory=list)
+
+    def evict(self, pods: Sequence[PodRef]) -> list[PodRef]:
+        if pods and self.refuse:
+            raise EvictionError(self.refuse)
+        self.evicted += pods
+        return list(pods)
+
+
+@dataclass
+class Workloads:
+    pods: dict[PodRef, list[DevicePlacement]] = field(default_factory=dict)
+
+    def placements(
+        self, device_ids: Mapping[int, Mapping[str, int | None]]
+    ) -> tuple[dict[PodRef, list[DevicePlacement]], str]:
+        return dict(self.pods), "podresources"
+
+
+class Report:
+    def patch(self) -> dict[str, str | None]:
+        return {keys.ANNOTATION_GPUS: "{}"}
+
+    def written(self) -> None:
+        pass
+
+
+@dataclass
+class Settings:
+    hold_mode: HoldMode = HoldMode.TAINT
+    operand_timeout: float = 1.0
+    busy_gpu_timeout: float = 0.0
+    reboot_enabled: bool = False
+
+
+@dataclass
+class Bench:
+    """One node: its GPUs, its Node, and every stand-in, wired as a change sees them."""
+
+    sim: SimulatedNvml
+    gpus: GpuAccess
+    node: MemoryNode
+    operands: Operands = field(default_factory=Operands)
+    evictor: Evictor = field(default_factory=Evictor)
+    workloads: Workloads = field(default_factory=Workloads)
+    settings: Settings = field(default_factory=Settings)
+    reboots: list[str] = field(default_factory=list)
+    reboot: Callable[[], None] | None = None
+
+    def parts(self) -> Parts:
+        return Parts(
+            node=self.node,
+            gpus=self.gpus,
+            operands=self.operands,
+            evictor=self.evictor,
+            workloads=self.workloads,
+            store=NodeStore(self.node),
+            metrics=Metrics(),
+            report=Report(),
+            reboot=self.reboot or (lambda: self.reboots.append("reboot")),
+        )
+
+    def change(self, name: str, progress: Progress | None = None) -> Change:
+        """A change to `name` as the loop makes it: judged and planned from the GPUs as they are."""
+        progress = progress if progress is not None else NodeStore(self.node).load()
+        result = check_config(CONFIG, name, hardware_from_report(CATALOG, self.gpus.discover()))
+        assert result.valid, result.errors
+        current = self.gpus.geometries()
+        plan = plan_node(current, change.target_layouts(result, current, progress, CATALOG))
+        self.node.obj["metadata"]["labels"][keys.LABEL_MIG_CONFIG] = name
+        return Change(
+            self.parts(),
+            self.settings,
+            name=name,
+            digest=CONFIG.digest,
+            result=result,
+            plan=plan,
+            current=current,
+            progress=progress,
+        )
+
+    def record(self) -> Progress | None:
+        return NodeStore(self.node).load()
+
+
+def bench(initial: str | None = "all-3g", faults: str | None = None) -> Bench:
+    sim = SimulatedNvml([A100, A100], faults=faults)
+    gpus = GpuAccess(sim)
+    gpus.start()
+    node = MemoryNode({DP: "custom", keys.LABEL_GPU_PRODUCT: A100})
+    made = Bench(sim, gpus, node)
+    if initial is not None:
+        assert made.change(initial).run().state == keys.STATE_SUCCESS
+        node.writes.clear()
+        node.events.clear()
+        made.operands.waited.clear()
+    return made
+
+
+# --- the phases -----------------------------------------------------------------------------------------
+
+
+def test_every_phase_says_what_a_failure_and_a_restart_in_it_do() -> None:
+    assert [p.value for p in Phase] == ["starting", "pausing", "evicting", "applying", "rebooting"]
+    assert all(p.on_failure is OnFailure.ROLL_BACK for p in Phase)
+    assert {p: p.on_restart for p in Phase if p.on_restart is not OnRestart.RESUME} == {
+        Phase.REBOOTING: OnRestart.CHECK_REBOOT
+    }
+
+
+def test_the_record_keeps_its_wire_format_and_reads_an_unknown_phase_as_starting() -> None:
+    record = Progress("all-3g", "d", {}, {DP: "custom"}, phase="evicting")
+    assert record.phase is Phase.EVICTING
+    assert '"phase":"evicting"' in record.dumps()
+    assert Progress.loads(record.dumps()) == record
+    assert Progress.loads(record.dumps().replace("evicting", "draining")).phase is Phase.STARTING
+
+
+# --- each step ----------------------------------------------------------------------------------------
+
+
+def test_begin_holds_pauses_and_records_in_one_write() -> None:
+    b = bench()
+    step = b.change("gpu0-3g-gpu1-off")
+    step.begin()
+    assert len(b.node.writes) == 1
+    assert b.node.labels[keys.LABEL_MIG_STATE] == keys.STATE_PENDING
+    assert b.node.labels[DP] == keys.PAUSED_FOR_MIG_CHANGE
+    hold = HoldRecord.from_annotation(b.node.annotations[keys.ANNOTATION_HOLD])
+    assert hold is not None and (hold.taint, hold.by) == (True, "reconciler")
+    record = b.record()
+    assert record is not None and record.phase is Phase.PAUSING and record.operands == {DP: "custom"}
+
+
+def test_announce_names_only_the_pods_on_what_changes() -> None:
+    b = bench()
+    on_gpu0, on_gpu1 = PodRef("ml", "a"), PodRef("ml", "b")
+    b.workloads.pods = {on_gpu0: [(0, 0)], on_gpu1: [(1, 4)]}
+    movers = b.change("gpu0-3g-gpu1-off").announce()
+    assert movers == [on_gpu1]
+    (plan,) = [note for reason, note in b.node.events if reason == "Plan"]
+    assert "pods to move (podresources): ml/b" in plan
+
+
+def test_drain_operands_waits_for_the_paused_ones() -> None:
+    b = bench()
+    step = b.change("gpu0-3g-gpu1-off")
+    step.begin()
+    step.drain_operands()
+    assert b.operands.waited == [{DP: "custom"}]
+    assert (
+        "PausingOperands",
+        "gpu0-3g-gpu1-off: waiting for GPU operands to go (device-plugin=custom)",
+    ) in b.node.events
+
+
+def test_evict_records_the_phase_then_evicts() -> None:
+    b = bench()
+    step = b.change("gpu0-3g-gpu1-off")
+    step.begin()
+    step.evict([POD])
+    assert b.evictor.evicted == [POD]
+    record = b.record()
+    assert record is not None and record.phase is Phase.EVICTING
+
+
+def test_refuse_busy_gpus_names_the_process() -> None:
+    b = bench()
+    b.sim.simAddProcess(1, 4242, gi_start=4)
+    with pytest.raises(
+        change.BusyGpuError, match="GPU 1 still runs compute processes on the GPU instance at 4"
+    ):
+        b.change("gpu0-3g-gpu1-off").refuse_busy_gpus()
+    b.change("all-3g").refuse_busy_gpus()  # nothing changes there: no refusal
+
+
+def test_apply_reads_every_gpu_back() -> None:
+    b = bench()
+    before = b.gpus.geometries()
+    step = b.change("gpu0-3g-gpu1-off")
+    step.begin()
+    outcome = step.apply()
+    assert outcome.state == keys.STATE_SUCCESS
+    assert not b.gpus.geometry(1).mig_enabled and b.gpus.geometry(0) == before[0]
+    record = b.record()
+    assert record is not None and record.phase is Phase.APPLYING
+
+
+def test_a_whole_change_writes_the_node_a_handful_of_times_and_releases_it() -> None:
+    b = bench()
+    b.workloads.pods = {POD: [(1, 0)]}
+    outcome = b.change("gpu0-3g-gpu1-off").run()
+    assert outcome == Outcome(keys.STATE_SUCCESS, outcome.reason)
+    assert outcome.reason.startswith("gpu0-3g-gpu1-off applied")
+    assert len(b.node.writes) == 4  # begin, evicting, applying, finish
+    assert b.node.labels[keys.LABEL_MIG_STATE] == keys.STATE_SUCCESS
+    assert b.node.labels[DP] == "custom"
+    assert not b.node.held() and b.record() is None
+    assert b.node.annotations[keys.ANNOTATION_GPUS] == "{}"  # the report goes with the last write
+
+
+# --- failures roll back -----------------------------------------------------------------------------
+
+
+def test_operands_that_do_not_go_fail_the_change_before_any_gpu_is_touched() -> None:
+    b = bench()
+    b.operands.still_there = "gpu-operator/nvidia-device-plugin-x"
+    before = b.gpus.geometries()
+    outcome = b.change("gpu0-3g-gpu1-off").run()
+    assert outcome.state == keys.STATE_FAILED
+    assert "nvidia-device-plugin-x" in outcome.reason
+    assert b.gpus.geometries() == before
+    assert b.node.labels[DP] == "custom" and not b.node.held()
+
+
+def test_a_refused_eviction_fails_the_change_with_the_budget_named() -> None:
+    b = bench()
+    b.workloads.pods = {POD: [(1, 0)]}
+    b.evictor.refuse = "PodDisruptionBudget ml/pdb blocks eviction of pod ml/train-0"
+    outcome = b.change("gpu0-3g-gpu1-off").run()
+    assert outcome.state == keys.STATE_FAILED
+    assert (
+        outcome.reason
+        == "gpu0-3g-gpu1-off not applied: PodDisruptionBudget ml/pdb blocks eviction of pod ml/train-0"
+    )
+
+
+def test_an_nvml_fault_rolls_every_changed_gpu_back() -> None:
+    b = bench(
+        initial="all-disabled", faults="nvmlDeviceCreateGpuInstanceWithPlacement@4=InsufficientResources"
+    )
+    before = b.gpus.geometries()
+    outcome = b.change("all-3g").run()  # GPU 0 done, then the second create on GPU 1 fails
+    assert outcome.state == keys.STATE_FAILED
+    assert "InsufficientResources" in outcome.reason and "rolled back" in outcome.reason
+    assert b.gpus.geometries() == before  # both GPUs, including the one that had succeeded
+    assert all(b.gpus.mig_mode(i) == (False, False) for i in range(2))
+
+
+def test_an_api_error_rolls_back_finishes_and_goes_to_the_loop() -> None:
+    b = bench()
+    b.workloads.pods = {POD: [(1, 0)]}
+
+    def evict(pods: Sequence[PodRef]) -> list[PodRef]:
+        raise ApiException(status=500, reason="Internal Server Error")
+
+    b.evictor.evict = evict  # type: ignore[method-assign]
+    outcome = b.change("gpu0-3g-gpu1-off").run()
+    assert outcome.state == keys.STATE_FAILED
+    assert isinstance(outcome.api_failure, ApiException)
+    assert "Kubernetes API 500 Internal Server Error" in outcome.reason
+    assert not b.node.held() and b.record() is None
+
+
+def test_a_newer_label_keeps_the_hold_for_the_next_change() -> None:
+    b = bench()
+    step = b.change("gpu0-3g-gpu1-off")
+
+    def relabel() -> None:  # the admin relabels while the change runs: seen by its last write
+        if b.node.labels.get(keys.LABEL_MIG_STATE) == keys.STATE_PENDING:
+            b.node.obj["metadata"]["labels"][keys.LABEL_MIG_CONFIG] = "all-disabled"
+
+    b.node.during_write = relabel
+    outcome = step.run()
+    assert outcome.newer
+    assert b.node.labels[keys.LABEL_MIG_STATE] == keys.STATE_PENDING
+    assert (
+        "changed to all-disabled meanwhile: applying that next" in b.node.annotations[keys.ANNOTATION_REASON]
+    )
+    assert b.node.held()
+
+
+# --- interrupted changes resume -----------------------------------------------------------------------
+
+
+def test_a_change_killed_while_applying_resumes_to_the_same_target() -> None:
+    b = bench()
+    before = b.gpus.geometries()
+    killed = b.change("gpu0-3g-gpu1-off")
+    killed.begin()
+    killed.progress.phase = Phase.APPLYING
+    b.node.apply(NodeEdit(annotations=change.record(NodeStore(b.node), killed.progress)))
+    (gpu1,) = killed.plan.changed
+    b.gpus.apply(replace(gpu1, operations=gpu1.operations[:3]))  # killed after three operations
+    record = b.record()
+    assert record is not None and record.phase is Phase.APPLYING and record.before == before
+    assert len(b.gpus.geometry(1).instances) == 1  # half-way: one GPU instance left, no compute
+
+    outcome = b.change("gpu0-3g-gpu1-off").run()  # the agent back: the loop hands it the record
+    assert outcome.state == keys.STATE_SUCCESS
+    assert not b.gpus.geometry(1).mig_enabled
+    assert b.node.labels[DP] == "custom"  # the value the first run recorded, not "paused"
+
+
+def _rebooting(b: Bench) -> None:
+    """all-disabled -> all-3g with a host reboot: the change stops in REBOOTING."""
+    b.settings.reboot_enabled = True
+    for gpu in range(2):
+        b.sim.simSetResetRequiresReboot(gpu, True)
+    outcome = b.change("all-3g").run()
+    assert outcome.state == keys.STATE_REBOOTING and b.reboots == ["reboot"]
+    record = b.record()
+    assert record is not None and record.phase is Phase.REBOOTING and record.reboot_attempted
+    assert b.node.labels[keys.LABEL_MIG_STATE] == keys.STATE_REBOOTING and b.node.held()
+
+
+def test_after_the_reboot_the_change_resumes() -> None:
+    b = bench(initial="all-disabled")
+    _rebooting(b)
+    b.sim.simReboot()  # activates the pending modes
+    outcome = b.change("all-3g").run()
+    assert outcome.state == keys.STATE_SUCCESS, outcome.reason
+    assert all(g.device_counts() == {"3g.20gb": 2} for g in b.gpus.geometries().values())
+    assert not b.node.held() and b.record() is None
+
+
+def test_a_mode_change_the_reboot_did_not_activate_fails_and_rolls_back() -> None:
+    b = bench(initial="all-disabled")
+    before = b.gpus.geometries()
+    _rebooting(b)
+    outcome = b.change("all-3g").run()  # back without the reboot having happened: still pending
+    assert outcome.state == keys.STATE_FAILED
+    assert "the reboot did not activate MIG enabled (the mode change is still pending" in outcome.reason
+    assert b.gpus.geometries() == before
+    assert all(b.gpus.mig_mode(i) == (False, False) for i in range(2))  # no mode left pending
+    assert not b.node.held() and b.record() is None
+
+
+def test_a_failed_reboot_rolls_back_and_restores_the_operands() -> None:
+    b = bench(initial="all-disabled")
+    before = b.gpus.geometries()
+    b.settings.reboot_enabled = True
+    for gpu in range(2):
+        b.sim.simSetResetRequiresReboot(gpu, True)
+
+    def broken() -> None:
+        raise RuntimeError("systemctl reboot: access denied")
+
+    b.reboot = broken
+    outcome = b.change("all-3g").run()
+    assert outcome.state == keys.STATE_FAILED
+    assert "the host reboot failed: systemctl reboot: access denied" in outcome.reason
+    assert b.gpus.geometries() == before
+    assert all(b.gpus.mig_mode(i) == (False, False) for i in range(2))  # no mode left pending
+    assert b.node.labels[DP] == "custom" and not b.node.held()
