@@ -16,6 +16,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client import ApiException
 
+from kube.errors import is_conflict, is_not_found, is_too_many_requests
 from reconciler.workloads import PodRef
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Evictor:
             try:
                 uids[pod] = self.core.read_namespaced_pod(pod.name, pod.namespace).metadata.uid
             except ApiException as exc:
-                if exc.status != 404:
+                if not is_not_found(exc):
                     raise
         pending = list(uids)
         while pending:
@@ -73,9 +74,9 @@ class Evictor:
                     self.core.create_namespaced_pod_eviction(pod.name, pod.namespace, body)
                     log.info("evicted pod %s", pod)
                 except ApiException as exc:
-                    if exc.status in {404, 409}:  # gone, or replaced by a new pod (uid)
+                    if is_not_found(exc) or is_conflict(exc):  # gone, or replaced by a new pod (uid)
                         continue
-                    if exc.status != 429:
+                    if not is_too_many_requests(exc):  # a PodDisruptionBudget's answer: try again
                         raise
                     still.append(pod)
             pending = still
@@ -108,7 +109,7 @@ class Evictor:
         try:
             return bool(self.core.read_namespaced_pod(pod.name, pod.namespace).metadata.uid == uid)
         except ApiException as exc:
-            if exc.status == 404:
+            if is_not_found(exc):
                 return False
             raise
 

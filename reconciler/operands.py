@@ -61,7 +61,7 @@ class Operands:
     """Pauses operands on one node and waits for their pods to go."""
 
     node: NodeState
-    namespace: str = "gpu-operator"
+    namespace: str = keys.GPU_OPERATOR_NAMESPACE
     poll_seconds: float = 0.5
 
     def pause(self, previous: Mapping[str, str]) -> None:
