@@ -135,7 +135,7 @@ def run_mig_guard(label: str, before: Layouts, wanted: Layouts) -> Run:
 
     def work() -> Run:
         current = access.geometries()
-        desired = {i: keep_in_place(g, current[i], load_catalog()) for i, g in wanted.items()}
+        desired = {i: keep_in_place(g, current[i], load_catalog().by_label(label)) for i, g in wanted.items()}
         plan = plan_node(current, desired)
         run = Run(gpus_touched=len(plan.changed), operations=len(plan.operations))
         run.resets = sum(1 for gpu in plan.changed if gpu.needs_reset)

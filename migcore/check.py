@@ -230,6 +230,8 @@ class GpuVerdict:
     entry: str | None
     mig_enabled: bool | None
     geometry: GpuGeometry | None
+    # What judged the layout (the driver's table, else the catalog product): where else it may go.
+    judge: Product | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -523,7 +525,7 @@ def _check_uncached(config: MigPartedConfig, name: str, hardware: NodeHardware) 
                 f" disagree: {gpu.disagreements[0]}{f' (and {more} more)' if more else ''}; judged by the"
                 " driver's table",
             )
-        verdicts.append(GpuVerdict(gpu.index, entry.path, entry.mig_enabled, geometry))
+        verdicts.append(GpuVerdict(gpu.index, entry.path, entry.mig_enabled, geometry, gpu.judge))
     unknown_subsystem = any(g.subsystem_id is None for g, v in zip(gpus, verdicts, strict=True) if v.entry)
     if subsystem_filters and unknown_subsystem:
         report.plain_warnings.append(

@@ -14,10 +14,9 @@ import itertools
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
-from migcore.catalog import Catalog, aligned_compute_starts
+from migcore.catalog import Product, aligned_compute_starts
 from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec, slot_mask
 from migcore.profiles import parse_profile
 from migcore.wording import index_ranges
@@ -261,6 +260,8 @@ class _Verdict(Protocol):
     def mig_enabled(self) -> bool | None: ...
     @property
     def geometry(self) -> GpuGeometry | None: ...
+    @property
+    def judge(self) -> Product | None: ...
 
 
 class _Result(Protocol):
@@ -274,13 +275,12 @@ class _Result(Protocol):
     def gpus(self) -> Sequence[_Verdict]: ...
 
 
-def desired_geometries(
-    result: _Result, current: Mapping[int, GpuGeometry], catalog: Catalog
-) -> dict[int, GpuGeometry]:
+def desired_geometries(result: _Result, current: Mapping[int, GpuGeometry]) -> dict[int, GpuGeometry]:
     """The layout each GPU should have under a checked config (`migcore.check.CheckResult`).
 
     A GPU no entry applies to keeps its current layout. Where the config's layout holds the same
-    instances as the GPU, in other places, it is moved onto the current places (`keep_in_place`)
+    instances as the GPU, in other places, it is moved onto the current places (`keep_in_place`,
+    with the placements of what judged that GPU: its driver's table, else its catalog product)
     so that the plan leaves those instances alone.
     """
     if not result.valid:
@@ -299,25 +299,19 @@ def desired_geometries(
             # Never "MIG on, no instances" by default: that would destroy what nothing judged.
             raise ValueError(f'config "{result.name}": no layout was judged for GPU {verdict.index}')
         target = verdict.geometry
-        out[verdict.index] = target if now is None else keep_in_place(target, now, catalog)
+        out[verdict.index] = target if now is None else keep_in_place(target, now, verdict.judge)
     return out
 
 
 # --- keeping instances where they are -------------------------------------------------------------
 
 
-@lru_cache(maxsize=1024)
-def _catalog_starts(catalog: Catalog, profile: str, size: int) -> frozenset[int] | None:
-    """Starts valid for this GI profile on every catalog product that has it (None: no product)."""
-    parsed = parse_profile(profile)
-    found: frozenset[int] | None = None
-    for product in catalog.products.values():
-        gi = product.gpu_instance_profile(parsed)
-        if gi is None or gi.placement_size != size or str(gi.name) != profile:
-            continue
-        starts = frozenset(gi.placements)
-        found = starts if found is None else found & starts
-    return found
+def _valid_starts(product: Product | None, profile: str, size: int) -> tuple[int, ...]:
+    """Where `product` places this GI profile (none when it has no such profile of that size)."""
+    gi = None if product is None else product.gpu_instance_profile(profile)
+    if gi is None or gi.placement_size != size or str(gi.name) != profile:
+        return ()
+    return gi.placements
 
 
 def _rebase_compute(
@@ -390,21 +384,22 @@ def _place_rest(
     return starts if place(0, occupied) else None
 
 
-def keep_in_place(desired: GpuGeometry, current: GpuGeometry, catalog: Catalog) -> GpuGeometry:
+def keep_in_place(desired: GpuGeometry, current: GpuGeometry, product: Product | None) -> GpuGeometry:
     """An equivalent of `desired` (same instances, same compute instances) that keeps as many of
     `current`'s GPU instances at their starts as possible, and their compute instances too.
 
     `desired` comes from a placement search that knows nothing of the GPU's state, so the same
     instances may land elsewhere; moving them back saves destroying and recreating them (and
     evicting their pods). Starts are only ever taken from `current`, from `desired` itself, or
-    from the catalog's placements valid on every product that has the profile.
+    from `product`'s placements (what judged the GPU: its driver's table, else its catalog
+    product; None: no other starts).
     """
     if not (desired.mig_enabled and current.mig_enabled) or desired == current:
         return desired
     wanted = list(desired.instances)
     candidates: dict[GpuInstanceSpec, list[int]] = {}
     for gi in wanted:
-        options = set(_catalog_starts(catalog, gi.profile, gi.size) or ())
+        options = set(_valid_starts(product, gi.profile, gi.size))
         options |= {d.start for d in wanted if d.profile == gi.profile}
         options |= {c.start for c in current.instances if c.profile == gi.profile and c.size == gi.size}
         candidates[gi] = sorted(options)

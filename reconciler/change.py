@@ -50,7 +50,6 @@ from typing import Any, Protocol
 from kube.errors import API_ERRORS, describe
 from kube.node import NodeView
 from migcore import keys
-from migcore.catalog import Catalog
 from migcore.check import CheckResult
 from migcore.geometry import GpuGeometry
 from migcore.hold import HoldMode
@@ -266,11 +265,11 @@ def success_reason(name: str, result: CheckResult) -> str:
 
 
 def target_layouts(
-    result: CheckResult, current: Mapping[int, GpuGeometry], progress: Progress | None, catalog: Catalog
+    result: CheckResult, current: Mapping[int, GpuGeometry], progress: Progress | None
 ) -> dict[int, GpuGeometry]:
     """The config's layouts; while a change is in flight, a GPU no entry covers is due its layout
     from before the change (a host reboot for the change emptied it)."""
-    desired = desired_geometries(result, current, catalog)
+    desired = desired_geometries(result, current)
     if progress is not None:
         for verdict in result.gpus:
             if verdict.entry is None or verdict.mig_enabled is None:

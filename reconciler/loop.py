@@ -326,7 +326,7 @@ class Reconciler:
             self._reject(parts, name, reason, progress=progress, labels=labels, annotations=annotations)
             return
         current = self.access.geometries()
-        plan = plan_node(current, change.target_layouts(result, current, progress, self.catalog))
+        plan = plan_node(current, change.target_layouts(result, current, progress))
         if not plan.changed:
             self._failed = None
             reason = change.success_reason(name, result)

@@ -57,7 +57,7 @@ def _desired(
     if not result.valid:
         raise _Refused(f'config "{name}" cannot be applied: ' + "; ".join(result.errors))
     current = access.geometries()
-    return current, desired_geometries(result, current, catalog)
+    return current, desired_geometries(result, current)
 
 
 def _print_text(plan: NodePlan, source: str, target: str) -> None:

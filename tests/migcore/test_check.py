@@ -271,7 +271,7 @@ def test_a_gpu_nothing_can_judge_gets_no_instances_and_is_never_wiped() -> None:
             " on, e.g. all-enabled, the reconciler reports the driver's table)",
         )
         with pytest.raises(ValueError, match="is not valid"):
-            desired_geometries(result, {0: GpuGeometry(True, (GpuInstanceSpec(0, 8, "7g.40gb"),))}, CATALOG)
+            desired_geometries(result, {0: GpuGeometry(True, (GpuInstanceSpec(0, 8, "7g.40gb"),))})
         # What can be judged without a table still can: MIG off, or on with no instances.
         assert check_config(DEFAULT, "all-disabled", _report(future)).valid
         enabled = check_config(DEFAULT, "all-enabled", _report(future))
@@ -282,7 +282,7 @@ def test_the_planner_never_reads_a_missing_layout_as_no_instances() -> None:
     verdict = GpuVerdict(0, "mig-configs.x[0]", True, None)
     result = CheckResult("x", True, (), (), (verdict,))
     with pytest.raises(ValueError, match="no layout was judged for GPU 0"):
-        desired_geometries(result, {0: GpuGeometry(True, (GpuInstanceSpec(0, 8, "7g.40gb"),))}, CATALOG)
+        desired_geometries(result, {0: GpuGeometry(True, (GpuInstanceSpec(0, 8, "7g.40gb"),))})
 
 
 def test_unknown_name_suggests_names_and_valid_configs() -> None:

@@ -10,13 +10,14 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from driver_tables import from_catalog, with_profile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from migcore.catalog import Product, load_catalog
 from migcore.check import check_config, hardware_from_report
 from migcore.config import parse_config
-from migcore.geometry import GpuGeometry, GpuInstanceSpec
+from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec
 from migcore.hardware import DiscoveredGpu, NodeGpus
 from migcore.placement import fit
 from migcore.planning import (
@@ -35,6 +36,7 @@ from migcore.planning import (
 from migcore.profiles import MigProfile, parse_profile
 
 CATALOG = load_catalog()
+A100_40 = CATALOG.products["A100-40GB"]
 PRODUCTS = ["A100-40GB", "H100-80GB", "A30-24GB", "RTX-PRO-6000-Blackwell", "B200"]
 DISABLED = GpuGeometry(False)
 
@@ -152,7 +154,7 @@ def test_kept_in_place_layout_is_equivalent_valid_and_keeps_at_least_as_much(
     pair: tuple[Product, GpuGeometry, GpuGeometry],
 ) -> None:
     product, current, desired = pair
-    moved = keep_in_place(desired, current, CATALOG)
+    moved = keep_in_place(desired, current, product)
 
     def kinds(g: GpuGeometry) -> Counter[Any]:
         return Counter((gi.profile, tuple(sorted(ci.profile for ci in gi.compute))) for gi in g.instances)
@@ -175,7 +177,7 @@ def test_kept_in_place_layout_is_equivalent_valid_and_keeps_at_least_as_much(
 @given(st.sampled_from(PRODUCTS).flatmap(lambda key: geometries(CATALOG.products[key])))
 def test_a_gpu_that_already_matches_gets_no_operation(geometry: GpuGeometry) -> None:
     assert plan_gpu(0, geometry, geometry).operations == ()
-    assert keep_in_place(geometry, geometry, CATALOG) == geometry
+    assert keep_in_place(geometry, geometry, None) == geometry
     plan = plan_node({0: geometry, 1: DISABLED}, {0: geometry})
     assert plan.changed == () and plan.to_json() == {
         "gpus": [{"index": 0, "operations": []}, {"index": 1, "operations": []}]
@@ -185,7 +187,7 @@ def test_a_gpu_that_already_matches_gets_no_operation(geometry: GpuGeometry) -> 
 def test_instances_that_can_stay_stay() -> None:
     # all-balanced -> four 1g.5gb + 3g.20gb: the 3g.20gb at slot 4 and both 1g.5gb stay; only
     # the 2g.10gb is replaced by two 1g.5gb, even though placement alone puts things elsewhere.
-    target = keep_in_place(layout("A100-40GB", **{"1g.5gb": 4, "3g.20gb": 1}), BALANCED, CATALOG)
+    target = keep_in_place(layout("A100-40GB", **{"1g.5gb": 4, "3g.20gb": 1}), BALANCED, A100_40)
     plan = plan_gpu(0, BALANCED, target)
     assert [op.op for op in plan.operations] == [
         "destroy-ci",
@@ -211,13 +213,13 @@ def test_a_gpu_laid_out_elsewhere_by_another_tool_is_left_alone() -> None:
         ),
     )
     assert elsewhere != BALANCED
-    assert keep_in_place(BALANCED, elsewhere, CATALOG) == elsewhere
-    assert plan_gpu(0, elsewhere, keep_in_place(BALANCED, elsewhere, CATALOG)).operations == ()
+    assert keep_in_place(BALANCED, elsewhere, A100_40) == elsewhere
+    assert plan_gpu(0, elsewhere, keep_in_place(BALANCED, elsewhere, A100_40)).operations == ()
 
 
 def test_only_the_compute_instances_that_differ_are_rebuilt() -> None:
     split = keep_in_place(
-        layout("A100-40GB", **{"1g.5gb": 2, "2g.10gb": 1, "1c.3g.20gb": 3}), BALANCED, CATALOG
+        layout("A100-40GB", **{"1g.5gb": 2, "2g.10gb": 1, "1c.3g.20gb": 3}), BALANCED, A100_40
     )
     plan = plan_gpu(0, BALANCED, split)
     assert [op.op for op in plan.operations] == ["destroy-ci", "create-ci", "create-ci", "create-ci"]
@@ -240,7 +242,7 @@ def test_mode_changes_reset_only_that_gpu() -> None:
 
 
 def test_pods_to_move_are_only_those_on_disturbed_instances() -> None:
-    target = keep_in_place(layout("A100-40GB", **{"1g.5gb": 4, "3g.20gb": 1}), BALANCED, CATALOG)
+    target = keep_in_place(layout("A100-40GB", **{"1g.5gb": 4, "3g.20gb": 1}), BALANCED, A100_40)
     plan = plan_node({0: BALANCED, 1: BALANCED, 2: DISABLED}, {0: target, 2: SEVEN})
     pods: dict[str, DevicePlacement | list[DevicePlacement]] = {
         "on-replaced-2g": (0, 0),
@@ -304,9 +306,24 @@ def test_desired_geometries_from_a_checked_config() -> None:
     result = check_config(parse_config(CONFIG, CATALOG), "mixed", hardware_from_report(CATALOG, report))
     assert result.valid, result.errors
     current = {0: BALANCED, 1: BALANCED, 2: BALANCED}
-    desired = desired_geometries(result, current, CATALOG)
+    desired = desired_geometries(result, current)
     assert desired[1] == DISABLED and desired[2] == BALANCED  # no entry for GPU 2: untouched
     assert sorted(gi.start for gi in desired[0].instances if gi.profile == "3g.20gb") == [4]  # kept in place
     plan: NodePlan = plan_node(current, desired)
     assert [g.index for g in plan.changed] == [0, 1]
     assert isinstance(desired[0].instances[0], GpuInstanceSpec)
+
+
+def test_kept_in_place_starts_are_the_judging_tables_not_other_products() -> None:
+    """A GPU its driver's table judges (here an A100 whose driver places 3g.20gb only at 4) must
+    not be given a start that only the catalog's products allow (3g.20gb at 0): applying it would
+    fail (and roll back) instead of doing the change."""
+    table = with_profile(from_catalog(CATALOG.products["A100-40GB"]), "3g.20gb", placements=(4,))
+    gpu = DiscoveredGpu(0, 0x20B010DE, "NVIDIA A100-SXM4-40GB", True, mig_table=table)
+    text = 'version: v1\nmig-configs:\n  c:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {"3g.20gb": 1, "1g.5gb": 1}\n'
+    result = check_config(parse_config(text, CATALOG), "c", hardware_from_report(CATALOG, NodeGpus((gpu,))))
+    assert result.valid, result.errors
+    one_g = GpuInstanceSpec(4, 1, "1g.5gb", (ComputeInstanceSpec("1g.5gb", 0),))
+    desired = desired_geometries(result, {0: GpuGeometry(True, (one_g,))})
+    placed = {gi.profile: gi.start for gi in desired[0].instances}
+    assert placed["3g.20gb"] == 4, desired[0].summary()

@@ -311,7 +311,7 @@ def prepare_gpus(
         hardware_from_report(load_catalog(), access.discover()),
     )
     current = access.geometries()
-    for gpu_plan in plan_node(current, desired_geometries(result, current, load_catalog())).changed:
+    for gpu_plan in plan_node(current, desired_geometries(result, current)).changed:
         access.apply(gpu_plan)
 
 

@@ -102,7 +102,7 @@ def layouts(config_name: str, gpus: int) -> dict[int, GpuGeometry]:
         hardware_from_report(load_catalog(), access.discover()),
     )
     current = access.geometries()
-    return desired_geometries(result, current, load_catalog())
+    return desired_geometries(result, current)
 
 
 @dataclass

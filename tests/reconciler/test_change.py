@@ -195,7 +195,7 @@ class Bench:
         result = check_config(CONFIG, name, hardware_from_report(CATALOG, self.gpus.discover()))
         assert result.valid, result.errors
         current = self.gpus.geometries()
-        plan = plan_node(current, change.target_layouts(result, current, progress, CATALOG))
+        plan = plan_node(current, change.target_layouts(result, current, progress))
         self.node.obj["metadata"]["labels"][keys.LABEL_MIG_CONFIG] = name
         return Change(
             self.parts(),

@@ -319,7 +319,7 @@ def test_planned_changes_applied_through_nvml_read_back_as_desired(
     access = access_for(label)
     put(access, 0, current)
     assert access.geometry(0) == current
-    desired = keep_in_place(wanted, current, load_catalog())
+    desired = keep_in_place(wanted, current, load_catalog().by_label(label))
     outcome = apply_with_rollback(access, plan_gpu(0, current, desired))
     assert outcome.ok, outcome.reason
     assert access.geometry(0) == desired
@@ -367,7 +367,7 @@ def test_a_gpu_outside_the_catalog_reports_its_table_and_takes_a_layout_judged_f
     table = learned.gpus[0].mig_table
     assert table is not None and table.profile(6) == model.table.profile(6)  # 6g's compute profiles learned
     current = access.geometries()
-    for plan in plan_node(current, desired_geometries(result, current, load_catalog())).changed:
+    for plan in plan_node(current, desired_geometries(result, current)).changed:
         access.apply(plan)
     assert access.geometry(0).device_counts() == {"3c.6g.96gb": 2}
     assert [c.start for c in access.geometry(0).instances[0].compute] == [0, 3]
