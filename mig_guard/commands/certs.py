@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes.client import ApiException
 
 from certs.authority import KeySpec, KeyType
@@ -23,6 +21,7 @@ from certs.ca_bundle import CABundleError, CABundlePatcher
 from certs.provision import ProvisionError, Request, describe, provision, write_files
 from certs.rotation import Policy
 from certs.secret_store import SecretStore, SecretStoreError
+from kube.client import api_client
 
 
 def register(sub: Any) -> None:
@@ -61,17 +60,6 @@ def register(sub: Any) -> None:
     parser.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster, then ~/.kube)")
     parser.add_argument("--write-dir", type=Path, help="also write tls.crt, tls.key and ca.crt here")
     parser.set_defaults(func=run)
-
-
-def api_client(kubeconfig: Path | None) -> Any:
-    """A client from ``kubeconfig``, else the in-cluster ServiceAccount, else the default kubeconfig."""
-    if kubeconfig is not None:
-        return k8s_config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
-    try:
-        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except k8s_config.ConfigException:
-        return k8s_config.new_client_from_config()  # type: ignore[no-untyped-call]
-    return k8s.ApiClient()
 
 
 def request_from_args(args: argparse.Namespace) -> Request:
