@@ -20,7 +20,6 @@ import enum
 import json
 import logging
 import queue
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -45,6 +44,7 @@ from reconciler.change import Change, Parts, Progress, ProgressStore
 from reconciler.discovery import HardwarePublisher
 from reconciler.eviction import Evictor
 from reconciler.gpu_access import GpuAccess
+from reconciler.host import reboot_host
 from reconciler.metrics import Metrics
 from reconciler.node_state import NodeState
 from reconciler.operands import Operands
@@ -54,8 +54,6 @@ from reconciler.workloads import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET, Workload
 
 log = logging.getLogger(__name__)
 
-HOST_REBOOT = ("chroot", "/host", "systemctl", "reboot")
-REBOOT_GRACE_SECONDS = 600.0
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 NODE_WATCH_SECONDS = 30
@@ -99,14 +97,6 @@ class Settings:
     # How long one Kubernetes API request is retried on a transient error, and may take.
     api_retry_seconds: float = 60.0
     api_timeout_seconds: float = 60.0
-
-
-def reboot_host() -> None:
-    """Reboot the node through the host's systemd (the DaemonSet mounts the host root at /host),
-    then wait to be stopped: reconciling again before the host goes down would judge the mode
-    change as failed. If the host is still up after the grace period, the restart path decides."""
-    subprocess.run(HOST_REBOOT, check=True)
-    time.sleep(REBOOT_GRACE_SECONDS)
 
 
 def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
