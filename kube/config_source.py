@@ -243,8 +243,9 @@ class ConfigSource:
                 changed = self._seen is not _UNSET and version.digest != self._seen
                 self._seen = version.digest
             self.offer(version)
-            if changed or listed:
+            if changed:
                 log.info("%s changed", self.describe())
+            if changed or listed:
                 on_change()
 
         self.feed.follow(deliver, stop, self.note)
