@@ -17,6 +17,7 @@ WORKDIR /src
 # Dependencies (all published as binary wheels for linux/amd64 and arm64: no compiler needed).
 COPY pyproject.toml README.md ./
 COPY migcore/ migcore/
+COPY kube/ kube/
 COPY webhook/ webhook/
 COPY reconciler/ reconciler/
 COPY certs/ certs/
