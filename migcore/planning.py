@@ -405,7 +405,7 @@ def keep_in_place(desired: GpuGeometry, current: GpuGeometry, product: Product |
         candidates[gi] = sorted(options)
     best: (
         tuple[
-            tuple[int, int, int],
+            tuple[int, int, int, int],
             list[tuple[GpuInstanceSpec, GpuInstanceSpec]],
             list[GpuInstanceSpec],
             list[int],
@@ -426,7 +426,9 @@ def keep_in_place(desired: GpuGeometry, current: GpuGeometry, product: Product |
             starts = _place_rest(rest, occupied, candidates)
             if starts is None:
                 continue
-            score = (r, sum(_ci_overlap(o.compute, n.compute) for o, n in pairs), sum(o.size for o in keep))
+            exact = sum(_same_instance(o, n) for o, n in pairs)
+            overlap = sum(_ci_overlap(o.compute, n.compute) for o, n in pairs)
+            score = (r, exact, overlap, sum(o.size for o in keep))
             if best is None or score > best[0]:
                 best = (score, pairs, rest, starts)
         if best is not None:
@@ -451,20 +453,32 @@ def _ci_overlap(have: Iterable[ComputeInstanceSpec], want: Iterable[ComputeInsta
 def _pair(
     keep: Sequence[GpuInstanceSpec], wanted: Sequence[GpuInstanceSpec]
 ) -> list[tuple[GpuInstanceSpec, GpuInstanceSpec]] | None:
-    """Pair each kept current GI with a distinct wanted GI of the same profile (best CI overlap first)."""
+    """Pair each kept current GI with a distinct wanted GI of the same profile: every exact match
+    (the same compute instances: it stays as it is, and so do its pods) first, then the most CI
+    profiles in common. Exact matches are paired before any other choice, which could take one."""
     free = list(wanted)
     pairs: list[tuple[GpuInstanceSpec, GpuInstanceSpec]] = []
+    others: list[GpuInstanceSpec] = []
     for old in keep:
+        same = next((gi for gi in free if _same_instance(gi, old)), None)
+        if same is None:
+            others.append(old)
+            continue
+        free.remove(same)
+        pairs.append((old, same))
+    for old in others:
         options = [gi for gi in free if gi.profile == old.profile and gi.size == old.size]
         if not options:
             return None
-        # Exact match (same CIs) first, then most CI profiles in common.
-        choice = max(
-            options, key=lambda gi: (gi.compute == old.compute, _ci_overlap(old.compute, gi.compute))
-        )
+        choice = max(options, key=lambda gi: _ci_overlap(old.compute, gi.compute))
         free.remove(choice)
         pairs.append((old, choice))
     return pairs
+
+
+def _same_instance(a: GpuInstanceSpec, b: GpuInstanceSpec) -> bool:
+    """The same GPU instance wherever it starts: profile, size and compute instances."""
+    return (a.profile, a.size, a.compute) == (b.profile, b.size, b.compute)
 
 
 # --- applying a plan to data (for tests, the benchmark and the CLI's preview) ----------------------

@@ -327,3 +327,19 @@ def test_kept_in_place_starts_are_the_judging_tables_not_other_products() -> Non
     desired = desired_geometries(result, {0: GpuGeometry(True, (one_g,))})
     placed = {gi.profile: gi.start for gi in desired[0].instances}
     assert placed["3g.20gb"] == 4, desired[0].summary()
+
+
+def test_an_instance_that_already_matches_keeps_its_compute_instances() -> None:
+    """Found by the property above: two A30 2g.12gb instances, one to be rebuilt with a 2g compute
+    instance, one already right. The right one must stay as it is (its pods keep running); the
+    pairing gave it to the other's compute instances and rebuilt both."""
+    a30 = CATALOG.products["A30-24GB"]
+    right = GpuInstanceSpec(2, 2, "2g.12gb", (ComputeInstanceSpec("1c.2g.12gb", 0),))
+    two_cis = (ComputeInstanceSpec("1c.2g.12gb", 0), ComputeInstanceSpec("1c.2g.12gb", 1))
+    current = GpuGeometry(True, (GpuInstanceSpec(0, 2, "2g.12gb", two_cis), right))
+    desired = GpuGeometry(
+        True, (GpuInstanceSpec(0, 2, "2g.12gb", (ComputeInstanceSpec("2g.12gb", 0),)), right)
+    )
+    moved = keep_in_place(desired, current, a30)
+    assert right in moved.instances, moved.summary()
+    assert [op.gi_start for op in plan_gpu(0, current, moved).operations] == [0, 0, 0]  # only GI@0's CIs
