@@ -149,8 +149,16 @@ def test_configmap_edit_is_reapplied_with_cordon_hold_and_metrics(gpu_node: GpuN
     assert node.counts() == {0: {"1g.5gb": 7}, 1: {"1g.5gb": 7}}
     assert True in cordoned  # held by cordon this time
     assert not node.read().spec.unschedulable
-    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    assert 'mig_guard_reconcile_outcomes_total{outcome="success"} 1.0' in metrics
+    success = 'mig_guard_reconcile_outcomes_total{outcome="success"} 1.0'
+
+    def scrape() -> str:
+        return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+    # The outcome is counted after the change's last Node write and the condition and Event that
+    # follow it, so a scrape right after the state shows may come a moment early.
+    wait_until(lambda: success in scrape(), 10, what="the outcome counted")
+    metrics = scrape()
+    assert success in metrics
     assert 'mig_guard_mig_instances{gpu="1",profile="1g.5gb"} 7.0' in metrics
     assert 'mig_guard_nvml_operations_total{op="create-gi"} 14.0' in metrics
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200

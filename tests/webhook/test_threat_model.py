@@ -69,6 +69,12 @@ NO_RBAC = {
 }
 
 
+def modified_meanwhile(result: subprocess.CompletedProcess[str]) -> bool:
+    """A whole-object replace that met a 409: the node changed between its read and the replace (the
+    controller manager settles a new node moments after its creation), so it never reached admission."""
+    return result.returncode != 0 and "the object has been modified" in result.stderr
+
+
 def outcome(result: subprocess.CompletedProcess[str]) -> str:
     if result.returncode == 0:
         return OK
@@ -122,9 +128,13 @@ class Writer:
                 return subprocess.CompletedProcess([], 1, "", str(exc.body))
             return subprocess.CompletedProcess([], 0, "", "")
         if path == "replace":
-            obj = self.admin.sanitize_for_serialization(k8s.CoreV1Api(self.admin).read_node(node))
-            obj["metadata"]["labels"].update(labels)
-            return self.run("replace", "-f", "-", body=obj)
+            for _ in range(5):  # read and replace again when the node changed in between
+                obj = self.admin.sanitize_for_serialization(k8s.CoreV1Api(self.admin).read_node(node))
+                obj["metadata"]["labels"].update(labels)
+                result = self.run("replace", "-f", "-", body=obj)
+                if not modified_meanwhile(result):
+                    break
+            return result
         if path.startswith("server-side apply"):
             manifest = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": labels}}
             force = ["--force-conflicts"] if "force" in path else []
@@ -301,9 +311,12 @@ def test_a_whole_object_replace_that_drops_the_hold_is_refused(
     api = k8s.CoreV1Api(webhook.api)
     stale = webhook.api.sanitize_for_serialization(api.read_node(name))  # e.g. a manifest kept in Git
     assert kubectl("label", "node", name, f"{keys.LABEL_MIG_CONFIG}=all-1g.5gb").returncode == 0
-    current = webhook.api.sanitize_for_serialization(api.read_node(name))
-    stale["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-    result = kubectl("replace", "-f", "-", input=json.dumps(stale))
+    for _ in range(5):  # the stale object, replaced at the node's current version
+        current = webhook.api.sanitize_for_serialization(api.read_node(name))
+        stale["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        result = kubectl("replace", "-f", "-", input=json.dumps(stale))
+        if not modified_meanwhile(result):
+            break
     assert outcome(result) == ADMISSION
     assert keys.ANNOTATION_HOLD in result.stderr and keys.LABEL_MIG_STATE in result.stderr
     assert keys.ANNOTATION_HOLD in read_node(webhook.api, name).metadata.annotations
