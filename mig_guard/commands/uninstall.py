@@ -32,9 +32,9 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client import ApiException
 
-from mig_guard.commands.certs import api_client
+from kube.client import api_client
 from migcore import keys
-from migcore.hold import HoldRecord
+from migcore.hold import HoldRecord, decide_release, without_hold_taint
 
 #: Deleted webhook configurations leave the API servers' caches asynchronously (usually well
 #: under a second); Helm deletes the ConfigMap only after this hook has ended.
@@ -113,16 +113,15 @@ def node_cleanup_patch(node: Any) -> list[dict[str, Any]]:
             for k in values
             if keys.is_protected_key(k)
         ]
-    taints = node.spec.taints or []
-    if any(t.key == keys.TAINT_KEY for t in taints):
-        kept = [
-            {k: v for k, v in {"key": t.key, "value": t.value, "effect": t.effect}.items() if v is not None}
-            for t in taints
-            if t.key != keys.TAINT_KEY
-        ]
-        ops.append({"op": "replace", "path": "/spec/taints", "value": kept})
+    taints = [
+        {k: v for k, v in {"key": t.key, "value": t.value, "effect": t.effect}.items() if v is not None}
+        for t in node.spec.taints or []
+    ]
     hold = HoldRecord.recorded((meta.annotations or {}).get(keys.ANNOTATION_HOLD))
-    if hold is not None and hold.cordon and node.spec.unschedulable:
+    release = decide_release(hold, taints, bool(node.spec.unschedulable))  # the reconciler's policy
+    if release.untaint:
+        ops.append({"op": "replace", "path": "/spec/taints", "value": without_hold_taint(taints)})
+    if release.uncordon:
         ops.append({"op": "replace", "path": "/spec/unschedulable", "value": False})
     if not ops:
         return []
