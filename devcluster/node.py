@@ -725,18 +725,28 @@ def restore_host(snapshot: hoststate.HostSnapshot, containerd_socket: str, workd
     return done
 
 
+def kill_recorded_processes(pids: dict[str, int]) -> list[str]:
+    """Kill the process groups a killed node recorded, each only while its pid still runs the binary
+    it was recorded for (a pid is reused; most are simply gone, which is no error)."""
+    done = []
+    for name, pid in pids.items():
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            continue
+        if Path(exe).name in (name, "containerd"):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+                done.append(f"killed stale {name} ({pid})")
+    return done
+
+
 def cleanup_stale() -> list[str]:
     """Undo what a node killed before its stop() left (it wrote :data:`MARKER` at its start)."""
     if not MARKER.exists():
         return []
     record = json.loads(MARKER.read_text())
-    done = []
-    for name, pid in record.get("pids", {}).items():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            exe = os.readlink(f"/proc/{pid}/exe")
-            if Path(exe).name in (name, "containerd"):
-                os.killpg(pid, signal.SIGKILL)
-                done.append(f"killed stale {name} ({pid})")
+    done = kill_recorded_processes(record.get("pids", {}))
     snapshot = hoststate.HostSnapshot.from_json(json.dumps(record["snapshot"]))
     done += restore_host(snapshot, record["containerd_socket"], Path(record["workdir"]))
     MARKER.unlink(missing_ok=True)
