@@ -31,6 +31,8 @@ MIG_PARTED_CONFIG_KEY: Final = "config.yaml"
 PREFIX: Final = "mig-guard.io/"
 # The node's GPUs as the reconciler discovered them (format: migcore.hardware).
 ANNOTATION_GPUS: Final = PREFIX + "gpus"
+# Which pods use which GPU and MIG device (format: migcore.usage), for previews of a change.
+ANNOTATION_USAGE: Final = PREFIX + "usage"
 # A sentence saying why the state is what it is ("applied all-1g.5gb to 8 GPUs in 3.1s").
 ANNOTATION_REASON: Final = PREFIX + "reason"
 # What mig-guard did to hold the node (taint and/or cordon), so that only that is undone.

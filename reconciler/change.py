@@ -53,7 +53,8 @@ from migcore import keys
 from migcore.check import CheckResult
 from migcore.geometry import GpuGeometry
 from migcore.hold import HoldMode
-from migcore.planning import DevicePlacement, GpuPlan, NodePlan, Operation, desired_geometries, pods_to_move
+from migcore.planning import GpuPlan, NodePlan, Operation, desired_geometries
+from migcore.usage import DevicePlace, NodeUsage
 from reconciler.eviction import EvictionError
 from reconciler.gpu_access import GpuAccess, GpuError
 from reconciler.gpu_apply import apply_with_rollback, clear_pending_mode, roll_back
@@ -194,9 +195,7 @@ class PodEvictor(Protocol):
 class WorkloadFinder(Protocol):
     """Which pods use which GPU (`reconciler.workloads.WorkloadFinder`)."""
 
-    def placements(
-        self, device_ids: Mapping[int, Mapping[str, int | None]]
-    ) -> tuple[dict[PodRef, list[DevicePlacement]], str]: ...
+    def usage(self, places: Mapping[int, Mapping[str, DevicePlace]]) -> NodeUsage: ...
 
 
 class ProgressStore(Protocol):
@@ -489,13 +488,14 @@ class Change:
         self.parts.node.apply(begin)
 
     def announce(self) -> list[PodRef]:
-        """The plan and the pods it moves, in an Event; returns those pods."""
-        placements, source = self.parts.workloads.placements(self._device_ids())
-        movers = pods_to_move(self.plan, placements)
+        """The plan and the pods it moves, in an Event; returns those pods (picked from the usage
+        the way a preview picks them from the published one: `NodeUsage.movers`)."""
+        usage = self.parts.workloads.usage(self._device_places())
+        movers = usage.movers(self.plan)
         self.parts.node.event(
             "Normal",
             "Plan",
-            f"{self.plan.describe()}; pods to move ({source}): {', '.join(map(str, movers)) or 'none'}",
+            f"{self.plan.describe()}; pods to move ({usage.source}): {', '.join(map(str, movers)) or 'none'}",
         )
         return movers
 
@@ -560,8 +560,7 @@ class Change:
         pod on any GPU is evicted first (PodDisruptionBudgets respected), or there is no reboot.
         Then the pending MIG mode is set on every other GPU whose mode changes, so that the one
         reboot activates them all."""
-        placements, _ = self.parts.workloads.placements(self._device_ids())
-        everyone = sorted(placements)
+        everyone = self.parts.workloads.usage(self._device_places()).pods()
         if everyone:
             pods = ", ".join(map(str, everyone))
             self._step(Phase.EVICTING, "Evicting", f"a host reboot ends every GPU pod: evicting {pods}")
@@ -650,8 +649,8 @@ class Change:
             )
         )
 
-    def _device_ids(self) -> dict[int, dict[str, int | None]]:
-        return {i: self.parts.gpus.device_ids(i) for i in range(self.parts.gpus.gpu_count())}
+    def _device_places(self) -> dict[int, dict[str, DevicePlace]]:
+        return {i: self.parts.gpus.device_places(i) for i in range(self.parts.gpus.gpu_count())}
 
     def _busy(self, gpus: Sequence[GpuPlan] | None = None) -> str | None:
         """Why a GPU about to change cannot be touched yet (compute processes on what changes);

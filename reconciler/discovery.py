@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from migcore.catalog import Catalog, UnknownProductError
 from migcore.driver_table import compare
@@ -106,12 +107,25 @@ class HardwarePublisher:
         self.metrics.observe_geometry({g.index: g.geometry for g in report.gpus if g.geometry is not None})
         return report, (None if body == self.published else report.to_annotation())
 
-    def publish(self, gpus: GpuAccess, catalog: Catalog, report: NodeGpus | None = None) -> NodeGpus:
-        """Publish the GPUs when they differ from what was published (one Node write)."""
+    def publish(
+        self,
+        gpus: GpuAccess,
+        catalog: Catalog,
+        report: NodeGpus | None = None,
+        also: ReportPart | None = None,
+    ) -> NodeGpus:
+        """Publish the GPUs when they differ from what was published, with `also` (another report,
+        e.g. the pods' usage) when it changed: one Node write."""
         report, text = self.look(gpus, catalog, report)
+        annotations = {} if also is None else also.patch()
         if text is not None:
-            self.node.apply(NodeEdit(annotations={ANNOTATION_GPUS: text}))
-            self.published = _body(report)
+            annotations[ANNOTATION_GPUS] = text
+        if annotations:
+            self.node.apply(NodeEdit(annotations=annotations))
+            if text is not None:
+                self.published = _body(report)
+            if also is not None:
+                also.written()
         return report
 
     def report(self, gpus: GpuAccess, catalog: Catalog) -> GpuReport:
@@ -128,6 +142,30 @@ class HardwarePublisher:
                     product,
                     "; ".join(differences),
                 )
+
+
+class ReportPart(Protocol):
+    """An annotation a Node write may carry (`reconciler.change.HardwareReport`)."""
+
+    def patch(self) -> dict[str, str | None]: ...
+    def written(self) -> None: ...
+
+
+@dataclass
+class Reports:
+    """Several reports carried by one Node write (the GPUs and the pods' usage)."""
+
+    parts: tuple[ReportPart, ...]
+
+    def patch(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for part in self.parts:
+            out.update(part.patch())
+        return out
+
+    def written(self) -> None:
+        for part in self.parts:
+            part.written()
 
 
 @dataclass

@@ -32,6 +32,7 @@ from migcore.geometry import ComputeInstanceSpec, GpuGeometry, GpuInstanceSpec
 from migcore.hardware import DiscoveredGpu, NodeGpus
 from migcore.planning import GpuPlan, Operation
 from migcore.profiles import MigProfile, ProfileError, parse_profile
+from migcore.usage import DevicePlace
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +510,13 @@ class GpuAccess:
 
     def device_ids(self, index: int) -> dict[str, int | None]:
         """Every id a device plugin may give a device of GPU `index` -> its GI start (None: the
-        whole GPU), to place the ids PodResources reports.
+        whole GPU); see `device_places`."""
+        return {device: place.gi for device, place in self.device_places(index).items()}
+
+    def device_places(self, index: int) -> dict[str, DevicePlace]:
+        """Every id a device plugin may give a device of GPU `index` -> where it lives (the GPU;
+        for a MIG device its GPU instance, compute instance and profile), to place the ids
+        PodResources reports.
 
         The GPU: its UUID and, for `deviceIDStrategy: index`, its index (`"0"`). Each MIG device:
         its UUID (`MIG-<uuid>`), the form of drivers before R470 (`MIG-GPU-<gpu uuid>/<GI id>/<CI
@@ -519,10 +526,11 @@ class GpuAccess:
         nvml = self.nvml
         handle = self._handle(index, step)
         gpu_uuid = str(self._call(index, step, nvml.nvmlDeviceGetUUID, handle))
-        out: dict[str, int | None] = {gpu_uuid: None, str(index): None}
+        whole = DevicePlace(index)
+        out: dict[str, DevicePlace] = {gpu_uuid: whole, str(index): whole}
         if not self.mig_mode(index)[0]:
             return out
-        starts = {r.id: r.start for r in self._walk(index, handle, step)}
+        records = {r.id: r for r in self._walk(index, handle, step)}
         count = int(self._call(index, step, nvml.nvmlDeviceGetMaxMigDeviceCount, handle))
         for k in range(count):
             try:
@@ -533,10 +541,17 @@ class GpuAccess:
                 raise _failed(index, step, nvml.nvmlDeviceGetMigDeviceHandleByIndex, exc) from exc
             gi_id = int(self._call(index, step, nvml.nvmlDeviceGetGpuInstanceId, mig))
             ci_id = int(self._call(index, step, nvml.nvmlDeviceGetComputeInstanceId, mig))
-            start = starts.get(gi_id)
-            out[str(self._call(index, step, nvml.nvmlDeviceGetUUID, mig))] = start
-            out[f"MIG-{gpu_uuid}/{gi_id}/{ci_id}"] = start
-            out[f"{index}:{k}"] = start
+            record = records.get(gi_id)
+            ci = None if record is None else next((c[2] for c in record.compute if c[1] == ci_id), None)
+            place = DevicePlace(
+                index,
+                None if record is None else record.start,
+                None if ci is None else ci.start,
+                None if ci is None else ci.profile,
+            )
+            out[str(self._call(index, step, nvml.nvmlDeviceGetUUID, mig))] = place
+            out[f"MIG-{gpu_uuid}/{gi_id}/{ci_id}"] = place
+            out[f"{index}:{k}"] = place
         return out
 
     # --- changing the layout ----------------------------------------------------------------------

@@ -39,9 +39,10 @@ from migcore.geometry import GpuGeometry
 from migcore.hardware import NodeGpus
 from migcore.hold import HoldMode
 from migcore.planning import plan_node
+from migcore.usage import DevicePlace
 from reconciler import change
 from reconciler.change import Change, Parts, Progress, ProgressStore
-from reconciler.discovery import HardwarePublisher
+from reconciler.discovery import HardwarePublisher, Reports
 from reconciler.eviction import Evictor
 from reconciler.gpu_access import GpuAccess
 from reconciler.host import reboot_host
@@ -49,6 +50,7 @@ from reconciler.metrics import Metrics
 from reconciler.node_state import NodeState
 from reconciler.operands import Operands
 from reconciler.ownership import claim_report
+from reconciler.pod_usage import DEFAULT_INTERVAL_SECONDS, UsagePublisher
 from reconciler.progress import NodeProgressStore
 from reconciler.workloads import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET, WorkloadFinder
 
@@ -67,6 +69,7 @@ class Wake(enum.StrEnum):
     RETRY = "retry"  # the last reconcile failed (the API server or NVML away)
     LABEL = "label"  # the layout label changed
     CONFIG = "config"  # the mig-parted config changed
+    PODS = "pods"  # a GPU pod came, went or changed: the usage report is refreshed (rate-bounded)
 
     @property
     def fresh_look(self) -> bool:
@@ -97,6 +100,8 @@ class Settings:
     # How long one Kubernetes API request is retried on a transient error, and may take.
     api_retry_seconds: float = 60.0
     api_timeout_seconds: float = 60.0
+    # At most one write of the pods' usage (mig-guard.io/usage) per this many seconds of pod churn.
+    usage_interval: float = DEFAULT_INTERVAL_SECONDS
 
 
 def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
@@ -149,6 +154,7 @@ class Reconciler:
         self.catalog = catalog or load_catalog()
         self.reboot = reboot or self._default_reboot()
         self.hardware = HardwarePublisher(self.node, self.metrics)
+        self.usage = UsagePublisher(self.node, self.finder, self._device_places, settings.usage_interval)
         self._wakes: queue.Queue[Wake] = queue.Queue()
         # The change that failed last: (config, config digest, GPUs before). It is retried on a
         # fresh look (a resync, a restart), not on every wake (a config edit changes the digest).
@@ -176,9 +182,12 @@ class Reconciler:
             workloads=self.finder,
             store=self.store,
             metrics=self.metrics,
-            report=self.hardware.report(self.access, self.catalog),
+            report=Reports((self.hardware.report(self.access, self.catalog), self.usage)),
             reboot=self.reboot,
         )
+
+    def _device_places(self) -> dict[int, dict[str, DevicePlace]]:
+        return {i: self.access.device_places(i) for i in range(self.access.gpu_count())}
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -196,16 +205,22 @@ class Reconciler:
         """
         self.access.start()
         try:
-            for target, name in ((self._watch_node, "watch-node"), (self._watch_config, "watch-config")):
+            watches = (
+                (self._watch_node, "watch-node"),
+                (self._watch_config, "watch-config"),
+                (self._watch_pods, "watch-pods"),
+            )
+            for target, name in watches:
                 threading.Thread(target=target, args=(stop,), name=name, daemon=True).start()
             self.wake(Wake.START)
             next_resync = time.monotonic() + self.settings.resync_seconds
             retry_at: float | None = None
+            usage_at: float | None = None  # when the pods' usage is refreshed next (pods changed)
             backoff = RETRY_FIRST_SECONDS
             while not stop.is_set():
                 self.metrics.heartbeat()
                 now = time.monotonic()
-                due = min(next_resync, retry_at if retry_at is not None else next_resync)
+                due = min(t for t in (next_resync, retry_at, usage_at) if t is not None)
                 try:
                     why = self._wakes.get(timeout=max(0.0, min(1.0, due - now)))
                 except queue.Empty:
@@ -214,11 +229,21 @@ class Reconciler:
                         why = Wake.RETRY
                     elif now >= next_resync:
                         why = Wake.RESYNC
+                    elif usage_at is not None and now >= usage_at:
+                        usage_at = None
+                        self.publish_usage_safely()
+                        continue
                     else:
                         continue
                 whys = {why}
                 while not self._wakes.empty():
                     whys.add(self._wakes.get_nowait())
+                if Wake.PODS in whys:
+                    whys.discard(Wake.PODS)
+                    if usage_at is None:
+                        usage_at = self.usage.next_write_at()
+                    if not whys:
+                        continue
                 if any(w.fresh_look for w in whys):
                     next_resync = time.monotonic() + self.settings.resync_seconds
                 if self.reconcile_safely(frozenset(whys)):
@@ -272,25 +297,55 @@ class Reconciler:
     def _watch_config(self, stop: threading.Event) -> None:
         self.source.watch(lambda: self.wake(Wake.CONFIG), stop)
 
+    def _watch_pods(self, stop: threading.Event) -> None:
+        """Wake (for the usage report) when a GPU pod on this node comes, goes or changes; after
+        each (re)list too, since events may have been missed meanwhile."""
+        name = self.settings.node_name
+
+        def seen(_kind: str, pod: Any) -> None:
+            if self.usage.concerns(pod):
+                self.wake(Wake.PODS)
+
+        follow(
+            k8s.CoreV1Api(self.api).list_pod_for_all_namespaces,
+            field_selector=f"spec.nodeName={name}",
+            on_list=lambda _pods: self.wake(Wake.PODS),
+            on_event=seen,
+            stop=stop,
+            what=f"pods on node {name}",
+            watch_seconds=NODE_WATCH_SECONDS,
+        )
+
+    def publish_usage_safely(self) -> None:
+        """Refresh the pods' usage report, unless a change is in flight (its last write carries
+        it); a failure is logged and waits for the next pod event or resync."""
+        try:
+            if self.store.load() is None:
+                self.usage.publish()
+        except Exception:
+            log.exception("publishing the pods' usage failed")
+
     # --- one reconcile ----------------------------------------------------------------------------
 
-    def publish_hardware(self, report: NodeGpus | None = None) -> NodeGpus:
-        """Publish the GPUs in `mig-guard.io/gpus` when they differ from what was published."""
-        return self.hardware.publish(self.access, self.catalog, report)
+    def publish_hardware(self, report: NodeGpus | None = None, *, usage: bool = False) -> NodeGpus:
+        """Publish the GPUs in `mig-guard.io/gpus` when they differ from what was published (and,
+        with `usage`, the pods' usage in the same write)."""
+        return self.hardware.publish(self.access, self.catalog, report, also=self.usage if usage else None)
 
     def reconcile(self, why: Wake | str | Collection[Wake | str]) -> None:
         whys = wakes(why)
         progress = self.store.load()
-        # The GPUs first: the webhook judges the first label with them. While a change is in
-        # flight they go with the change's last Node write instead (one write less).
+        fresh = any(w.fresh_look for w in whys)
+        # The GPUs first: the webhook judges the first label with them (on a fresh look, the
+        # pods' usage too, in the same write). While a change is in flight they go with the
+        # change's last Node write instead (one write less).
         if progress is None:
-            report = self.publish_hardware()
+            report = self.publish_hardware(usage=fresh)
         else:
             report, _ = self.hardware.look(self.access, self.catalog)
         node = self.node.view()
         labels, annotations = dict(node.labels), dict(node.annotations)
         name = node.mig_config
-        fresh = any(w.fresh_look for w in whys)
         log.debug(
             "reconcile (%s): desired %r, progress %s",
             ",".join(sorted(whys)),

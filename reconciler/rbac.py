@@ -10,8 +10,8 @@ RULES: Final[tuple[dict[str, Any], ...]] = (
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
     # The MIGConfigReady condition.
     {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
-    # Pods on the node (workloads, operand pods) and evicting them.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    # Pods on the node (workloads, operand pods; watched for the usage report) and evicting them.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
     # Naming the PodDisruptionBudget that blocks an eviction.
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["list"]},

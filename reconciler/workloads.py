@@ -1,10 +1,12 @@
 """Which pods on this node use which GPU or MIG device.
 
 The kubelet's PodResources API (v1 `List`, gRPC on a unix socket) says which device ids each
-container got; `GpuAccess.device_ids` maps every id form device plugins use (GPU and MIG UUIDs,
-the older `MIG-GPU-<uuid>/<gi>/<ci>`, index ids) to a GPU index and GPU-instance start, and a
-`::N` replica suffix (time-slicing, MPS) is dropped first. So only pods on instances that a plan
-destroys need to move. A device counts as a GPU when its resource name is a GPU resource (the
+container got; `GpuAccess.device_places` maps every id form device plugins use (GPU and MIG UUIDs,
+the older `MIG-GPU-<uuid>/<gi>/<ci>`, index ids) to a GPU index, GPU-instance and compute-instance
+start, and a `::N` replica suffix (time-slicing, MPS) is dropped first. The answer is a
+`migcore.usage.NodeUsage`: the change picks the pods it evicts from it, and the reconciler
+publishes it for previews, which pick pods from it the same way. So only pods on instances that a
+plan destroys need to move. A device counts as a GPU when its resource name is a GPU resource (the
 defaults below, or the admin's patterns: the GPU Operator can rename shared GPUs to anything) or
 when its id is a GPU or MIG id. Without the socket we cannot tell, and every pod on the node that
 requests a GPU resource counts as affected (the conservative answer).
@@ -22,7 +24,7 @@ from typing import Any
 import grpc
 from kubernetes import client as k8s
 
-from migcore.planning import DevicePlacement
+from migcore.usage import SOURCE_POD_SPEC, SOURCE_PODRESOURCES, DevicePlace, NodeUsage, PodRef
 from reconciler.podresources import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,7 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 _UUID_PREFIXES = ("GPU-", "MIG-")
 
 
-@dataclass(frozen=True, order=True)
-class PodRef:
-    namespace: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}"
+__all__ = ["PodRef", "WorkloadFinder"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +108,7 @@ class WorkloadFinder:
     socket_path: str = DEFAULT_SOCKET
     timeout: float = 10.0
     patterns: Sequence[str] = DEFAULT_GPU_RESOURCES
+    _said_no_socket: bool = field(default=False, init=False, repr=False)
 
     def _live_pods(self) -> dict[PodRef, Any]:
         core: Any = k8s.CoreV1Api(self.api)
@@ -122,33 +119,27 @@ class WorkloadFinder:
             if (p.status is None or p.status.phase not in TERMINAL_PHASES)
         }
 
-    def placements(
-        self, device_ids: Mapping[int, Mapping[str, int | None]]
-    ) -> tuple[dict[PodRef, list[DevicePlacement]], str]:
-        """Each GPU-using pod -> [(GPU index, GI start or None = whole GPU / unknown)], and the source.
+    def usage(self, places: Mapping[int, Mapping[str, DevicePlace]]) -> NodeUsage:
+        """Which pods use which device of the GPUs in `places` (per GPU index, every id of its
+        devices -> where it lives; `GpuAccess.device_places`).
 
-        `device_ids`: per GPU index, every id of its devices -> GI start (None for the GPU itself).
-        A GPU device whose id matches none of them lands on every GPU with a None start, so it
-        always counts as affected: better to move a pod than to pull a GPU from under it.
+        A GPU device whose id matches none of them counts on every GPU: better to move a pod than
+        to pull a GPU from under it. Without the PodResources socket every pod that requests a GPU
+        resource counts on every GPU.
         """
         live = self._live_pods()
-        where_is: dict[str, DevicePlacement] = {}
-        for gpu, ids in device_ids.items():
-            for uuid, gi_start in ids.items():
-                where_is[uuid] = (gpu, gi_start)
-        every_gpu: list[DevicePlacement] = [(gpu, None) for gpu in sorted(device_ids)]
         if not os.path.exists(self.socket_path):
-            log.info("no PodResources socket at %s: every GPU pod on the node counts", self.socket_path)
-            users = {ref: every_gpu for ref, pod in live.items() if requests_gpu(pod, self.patterns)}
-            return users, "pod-spec"
-        out: dict[PodRef, list[DevicePlacement]] = {}
+            if not self._said_no_socket:
+                log.info("no PodResources socket at %s: every GPU pod on the node counts", self.socket_path)
+                self._said_no_socket = True
+            users = {ref: [None] for ref, pod in live.items() if requests_gpu(pod, self.patterns)}
+            return NodeUsage.build(places, users, SOURCE_POD_SPEC)
+        where_is = {device: place for ids in places.values() for device, place in ids.items()}
+        out: dict[PodRef, list[DevicePlace | None]] = {}
         for entry in list_pod_devices(self.socket_path, self.timeout, self.patterns):
             if entry.pod not in live:
                 continue  # already gone, or not bound here any more
-            spots: list[DevicePlacement] = []
-            for assigned in entry.devices.values():
-                for device in assigned:
-                    found = where_is.get(device_key(device))
-                    spots.extend([found] if found is not None else every_gpu)
-            out[entry.pod] = spots
-        return out, "podresources"
+            out[entry.pod] = [
+                where_is.get(device_key(device)) for assigned in entry.devices.values() for device in assigned
+            ]
+        return NodeUsage.build(places, out, SOURCE_PODRESOURCES)

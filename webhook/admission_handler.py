@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from dataclasses import replace
 
 from kube.config_source import ConfigView
 from kube.node import MalformedNode, NodeView
 from migcore.hold import HoldMode
 from webhook.configmap_guard import ConfigMapGuard
+from webhook.impact import ImpactPreview
 from webhook.mutation import mutation_patch
 from webhook.review import AdmissionRequest, ReviewError
 from webhook.validation import NodeChange, NodeRules
-from webhook.verdict import Verdict
+from webhook.verdict import MAX_WARNINGS, Verdict
 from webhook.writers import bound_node
 
 JUDGED_OPERATIONS = ("CREATE", "UPDATE")
@@ -51,11 +53,13 @@ class AdmissionHandler:
         hold: HoldMode,
         guard: ConfigMapGuard | None,
         clock: Callable[[], str] = rfc3339_now,
+        impact: ImpactPreview | None = None,
     ) -> None:
         self._rules = rules
         self._hold = hold
         self._guard = guard
         self._clock = clock
+        self._impact = impact
 
     def validate(self, request: AdmissionRequest, config: ConfigView) -> tuple[Verdict, str]:
         """The verdict and the object's name (for logs)."""
@@ -64,10 +68,19 @@ class AdmissionHandler:
             verdict = self._rules.judge(
                 change, request.username, config, bound_node=bound_node(request.extra)
             )
-            return verdict, change.node_name
+            return self._with_impact(verdict, change, config), change.node_name
         if _is_core(request, "ConfigMap") and self._guard is not None:
             return self._guard.judge(request), f"{request.namespace}/{request.object_name}"
         return Verdict.allow(), request.name
+
+    def _with_impact(self, verdict: Verdict, change: NodeChange, config: ConfigView) -> Verdict:
+        """An accepted change of the layout of an existing node, with warnings saying what it does
+        (in the room the other warnings leave)."""
+        if self._impact is None or not verdict.allowed or not change.config_changed or change.creating:
+            return verdict
+        room = MAX_WARNINGS - len(verdict.warnings)
+        lines = self._impact.warnings(change.old, change.new.mig_config, config, room)
+        return replace(verdict, warnings=(*verdict.warnings, *lines)) if lines else verdict
 
     def mutate(self, request: AdmissionRequest, config: ConfigView) -> tuple[Verdict, str]:
         """A patch for an accepted change of the layout; no patch otherwise (never a denial)."""

@@ -22,6 +22,7 @@ from kube.config_source import ConfigMapFeed, ConfigSource, FileFeed
 from migcore.catalog import load_catalog
 from webhook.admission_handler import AdmissionHandler
 from webhook.configmap_guard import ApiNodeLister, ConfigMapGuard
+from webhook.impact import ImpactPreview
 from webhook.metrics import WebhookMetrics
 from webhook.node_hardware import HardwareResolver
 from webhook.review import ReviewError, decode_json, parse_review
@@ -231,7 +232,8 @@ def build_state(settings: WebhookSettings, metrics: WebhookMetrics) -> WebhookSt
     rules = NodeRules(
         hardware, settings.reconciler_users, allow_unbound=settings.allow_unbound_reconciler_tokens
     )
-    return WebhookState(settings, metrics, source, AdmissionHandler(rules, settings.hold, guard))
+    handler = AdmissionHandler(rules, settings.hold, guard, impact=ImpactPreview(hardware))
+    return WebhookState(settings, metrics, source, handler)
 
 
 def create_app(settings: WebhookSettings, state: WebhookState | None = None) -> Flask:

@@ -21,6 +21,7 @@ from migcore.check import check_config, hardware_from_report
 from migcore.config import parse_config
 from migcore.hold import HoldMode, HoldRecord
 from migcore.planning import DevicePlacement, plan_node
+from migcore.usage import DevicePlace, NodeUsage
 from reconciler import change
 from reconciler.change import Change, OnFailure, OnRestart, Outcome, Parts, Phase, Progress
 from reconciler.eviction import EvictionError
@@ -140,10 +141,12 @@ class Evictor:
 class Workloads:
     pods: dict[PodRef, list[DevicePlacement]] = field(default_factory=dict)
 
-    def placements(
-        self, device_ids: Mapping[int, Mapping[str, int | None]]
-    ) -> tuple[dict[PodRef, list[DevicePlacement]], str]:
-        return dict(self.pods), "podresources"
+    def usage(self, places: Mapping[int, Mapping[str, DevicePlace]]) -> NodeUsage:
+        return NodeUsage.build(
+            places,
+            {pod: [DevicePlace(gpu, gi) for gpu, gi in spots] for pod, spots in self.pods.items()},
+            "podresources",
+        )
 
 
 class Report:

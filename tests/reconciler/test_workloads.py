@@ -10,6 +10,7 @@ from typing import Any
 from kubernetes import client as k8s
 
 from devcluster.helpers import create_gpu_node, ensure_namespace
+from migcore.usage import DevicePlace
 from reconciler.podresources.server import PodResourcesServer
 from reconciler.workloads import DEFAULT_GPU_RESOURCES, PodRef, WorkloadFinder, list_pod_devices
 
@@ -17,7 +18,12 @@ GPU0 = "GPU-00000000-0000-0000-0000-000000000000"
 GPU1 = "GPU-11111111-1111-1111-1111-111111111111"
 MIG_1_AT_0 = "MIG-aaaaaaaa-0000-0000-0000-000000000001"
 MIG_1_AT_4 = "MIG-aaaaaaaa-0000-0000-0000-000000000002"
-DEVICE_IDS = {0: {GPU0: None}, 1: {GPU1: None, MIG_1_AT_0: 0, MIG_1_AT_4: 4}}
+MIG_AT_0 = DevicePlace(1, 0, 0, "1g.5gb")
+MIG_AT_4 = DevicePlace(1, 4, 0, "1g.5gb")
+DEVICE_IDS = {
+    0: {GPU0: DevicePlace(0)},
+    1: {GPU1: DevicePlace(1), MIG_1_AT_0: MIG_AT_0, MIG_1_AT_4: MIG_AT_4},
+}
 
 
 def _pod(core: Any, namespace: str, name: str, node: str, resources: dict[str, str] | None) -> None:
@@ -57,11 +63,17 @@ def test_podresources_maps_device_ids_to_gpu_instances(k8s_api: Any, tmp_path: P
     try:
         listed = {p.pod.name: p.devices for p in list_pod_devices(socket)}
         assert listed["mig-b"] == {"nvidia.com/mig-1g.5gb": (MIG_1_AT_4,)}  # non-GPU resources dropped
-        placements, source = WorkloadFinder(k8s_api, node, socket).placements(DEVICE_IDS)
+        usage = WorkloadFinder(k8s_api, node, socket).usage(DEVICE_IDS)
     finally:
         server.stop()
-    assert source == "podresources"
-    assert placements == {
+    assert usage.source == "podresources"
+    assert usage.gpus == (0, 1)
+    assert {str(u.pods[0]): u.place for u in usage.devices} == {
+        f"{ns}/whole": DevicePlace(0),
+        f"{ns}/mig-a": MIG_AT_0,
+        f"{ns}/mig-b": MIG_AT_4,
+    }
+    assert usage.placements() == {
         PodRef(ns, "whole"): [(0, None)],
         PodRef(ns, "mig-a"): [(1, 0)],
         PodRef(ns, "mig-b"): [(1, 4)],
@@ -73,16 +85,17 @@ def test_unknown_device_id_counts_on_every_gpu(k8s_api: Any, tmp_path: Path) -> 
     socket = str(tmp_path / "kubelet.sock")
     server = PodResourcesServer(socket, {(ns, "mig-a"): [("nvidia.com/mig-1g.5gb", ["MIG-unknown"])]}).start()
     try:
-        placements, _ = WorkloadFinder(k8s_api, node, socket).placements(DEVICE_IDS)
+        usage = WorkloadFinder(k8s_api, node, socket).usage(DEVICE_IDS)
     finally:
         server.stop()
-    assert placements == {PodRef(ns, "mig-a"): [(0, None), (1, None)]}
+    assert usage.placements() == {PodRef(ns, "mig-a"): [(0, None), (1, None)]}
 
 
 def test_without_the_socket_every_gpu_pod_on_the_node_counts(k8s_api: Any, tmp_path: Path) -> None:
     node, ns = _setup(k8s_api)
-    placements, source = WorkloadFinder(k8s_api, node, str(tmp_path / "missing.sock")).placements(DEVICE_IDS)
-    assert source == "pod-spec"
+    usage = WorkloadFinder(k8s_api, node, str(tmp_path / "missing.sock")).usage(DEVICE_IDS)
+    placements = usage.placements()
+    assert usage.source == "pod-spec"
     assert sorted(placements) == [PodRef(ns, "mig-a"), PodRef(ns, "mig-b"), PodRef(ns, "whole")]
     assert all(spots == [(0, None), (1, None)] for spots in placements.values())
 
@@ -90,10 +103,16 @@ def test_without_the_socket_every_gpu_pod_on_the_node_counts(k8s_api: Any, tmp_p
 def test_shared_renamed_and_older_device_ids_are_placed(k8s_api: Any, tmp_path: Path) -> None:
     node, ns = _setup(k8s_api)
     socket = str(tmp_path / "kubelet.sock")
-    # What GpuAccess.device_ids gives: every id form of each device (UUID, MIG-GPU-<uuid>/GI/CI, index).
+    # What GpuAccess.device_places gives: every id form of each device (UUID, MIG-GPU-<uuid>/GI/CI, index).
     ids = {
-        0: {GPU0: None, "0": None},
-        1: {GPU1: None, "1": None, MIG_1_AT_4: 4, f"MIG-{GPU1}/2/0": 4, "1:1": 4},
+        0: {GPU0: DevicePlace(0), "0": DevicePlace(0)},
+        1: {
+            GPU1: DevicePlace(1),
+            "1": DevicePlace(1),
+            MIG_1_AT_4: MIG_AT_4,
+            f"MIG-{GPU1}/2/0": MIG_AT_4,
+            "1:1": MIG_AT_4,
+        },
     }
     server = PodResourcesServer(
         socket,
@@ -106,10 +125,10 @@ def test_shared_renamed_and_older_device_ids_are_placed(k8s_api: Any, tmp_path: 
         },
     ).start()
     try:
-        placements, _ = WorkloadFinder(k8s_api, node, socket).placements(ids)
+        usage = WorkloadFinder(k8s_api, node, socket).usage(ids)
     finally:
         server.stop()
-    assert placements == {
+    assert usage.placements() == {
         PodRef(ns, "whole"): [(0, None)],
         PodRef(ns, "mig-a"): [(1, 4)],
         PodRef(ns, "mig-b"): [(1, 4)],
@@ -128,8 +147,8 @@ def test_without_the_socket_shared_and_configured_resource_names_count(k8s_api: 
         str(tmp_path / "missing.sock"),
         patterns=(*DEFAULT_GPU_RESOURCES, "example.com/timesliced-*"),
     )
-    placements, _ = finder.placements(DEVICE_IDS)
+    placements = finder.usage(DEVICE_IDS).placements()
     assert PodRef(ns, "shared") in placements and PodRef(ns, "renamed") in placements
     assert PodRef(ns, "cpu-only") not in placements
-    default, _ = WorkloadFinder(k8s_api, node, str(tmp_path / "missing.sock")).placements(DEVICE_IDS)
+    default = WorkloadFinder(k8s_api, node, str(tmp_path / "missing.sock")).usage(DEVICE_IDS).placements()
     assert PodRef(ns, "shared") in default and PodRef(ns, "renamed") not in default

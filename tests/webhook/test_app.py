@@ -150,8 +150,11 @@ def test_metrics_count_requests_by_verdict(client: FlaskClient) -> None:
     post(client, "/validate", labelled_change("all-1g.5gbb"))
     post(client, "/validate", labelled_change("all-1g.5gb"))
     post(client, "/validate", b"{")
+    post(client, "/validate", review(node(labels={"team": "ml"}), node(), uid="other"))
     text = client.get("/metrics").get_data(as_text=True)
     assert 'mig_guard_webhook_requests_total{endpoint="validate",verdict="denied"} 1.0' in text
+    # Accepted, with a warning: the node has no hardware report, so no impact can be shown.
+    assert 'mig_guard_webhook_requests_total{endpoint="validate",verdict="warned"} 1.0' in text
     assert 'mig_guard_webhook_requests_total{endpoint="validate",verdict="allowed"} 1.0' in text
     assert 'mig_guard_webhook_requests_total{endpoint="validate",verdict="malformed"} 1.0' in text
     assert "mig_guard_webhook_config_age_seconds " in text
