@@ -97,6 +97,14 @@ def register(sub: Any) -> None:
         help="retry a Kubernetes API request that failed transiently (5xx, 429, timeout) for up to S seconds",
     )
     parser.add_argument(
+        "--usage-interval",
+        type=float,
+        default=Settings.usage_interval,
+        metavar="S",
+        help="write which pods use which GPU (mig-guard.io/usage) at most once per S seconds while "
+        "pods come and go (default %(default)s)",
+    )
+    parser.add_argument(
         "--host-state-dir", metavar="DIR", help="persist progress there instead of in a Node annotation"
     )
     flags.add_log_level(parser)
@@ -137,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         podresources_socket=args.podresources_socket,
         gpu_resources=tuple(args.gpu_resource),
         api_retry_seconds=args.api_retry_seconds,
+        usage_interval=args.usage_interval,
     )
     metrics = Metrics()
     store: ProgressStore = (
