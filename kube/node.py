@@ -30,6 +30,7 @@ class Condition:
     reason: str
     message: str
     last_transition_time: str | None = None
+    last_heartbeat_time: str | None = None  # when it was last written (mig-guard: its reason changed)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def _conditions(status: Any) -> tuple[Condition, ...]:
             str(c.get("reason") or ""),
             str(c.get("message") or ""),
             c.get("lastTransitionTime"),
+            c.get("lastHeartbeatTime"),
         )
         for c in (raw if isinstance(raw, list) else ())
         if isinstance(c, dict)

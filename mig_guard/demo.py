@@ -5,14 +5,21 @@ kwok), the real webhook (`mig-guard webhook`, gunicorn over TLS, registered with
 one real reconciler per simulated GPU node (`mig-guard reconcile --gpu-backend simulated`), then
 plays a short script with the real kubectl: a typo rejected, an incompatible layout rejected, a
 valid layout applied (pending, then success, and the resulting geometry), and a GPU no catalog
-knows (simulated from its driver's MIG table) judged exactly from that table. It then stays up
-for the user to try kubectl until Ctrl-C, and cleans everything up on the way out.
+knows (simulated from its driver's MIG table) judged exactly from that table, and, with pods on MIG
+devices, a change seen before it is made (`kubectl mig`, and the webhook's warnings on a server-side
+dry run) and then made, evicting exactly the pods the preview named. It then stays up for the user
+to try kubectl until Ctrl-C, and cleans everything up on the way out.
+
+Nodes are kwok's (no kubelet): each gets a PodResources server on a unix socket standing in for
+its kubelet's, told which MIG device each demo pod got.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
+import os
 import shutil
 import signal
 import ssl
@@ -39,7 +46,9 @@ from kube.config_source import ConfigMapRef
 from migcore import keys
 from migcore.catalog import sanitise_product_name
 from migcore.hardware import NodeGpus
+from reconciler.gpu_access import GpuAccess
 from reconciler.nvml_sim import SimulatedNvml, load_gpu_model
+from reconciler.podresources.server import PodResourcesServer
 from reconciler.rbac import RULES
 from webhook.node_policy import node_writers_binding, node_writers_policy
 from webhook.registration import (
@@ -74,6 +83,15 @@ NODES = (
 )
 # Layouts for the X100 beside the GPU Operator's default ones (which know nothing of it).
 X100_CONFIGS = Path(gpu_model_file("x100-mig-parted-config.yaml")).read_text().split("mig-configs:\n", 1)[1]
+# Pods on gpu-a100's MIG devices once it holds all-balanced (2g.10gb@0, 1g.5gb@2, 1g.5gb@3, 3g.20gb@4
+# on each GPU): pod -> (GPU, GPU-instance start). all-1g.5gb then keeps the 1g.5gb instances.
+WORKLOADS = "ml"
+DEMO_PODS = {"train-0": (0, 4), "infer-0": (0, 2), "infer-1": (3, 0), "notebook": (5, 3)}
+A100_MIG_RESOURCES = {
+    "nvidia.com/mig-1g.5gb": "16",
+    "nvidia.com/mig-2g.10gb": "8",
+    "nvidia.com/mig-3g.20gb": "8",
+}
 
 
 class DemoError(RuntimeError):
@@ -106,6 +124,7 @@ class Demo:
         self.webhook_workers = webhook_workers
         self.plane: ControlPlane | None = None
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.podresources: dict[str, PodResourcesServer] = {}
         self.mig_guard = [sys.executable, "-m", "mig_guard.cli"]
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -121,6 +140,9 @@ class Demo:
                 proc.kill()
                 proc.wait(timeout=10)
         self.processes.clear()
+        for server in self.podresources.values():
+            server.stop()
+        self.podresources.clear()
         if self.plane is not None:
             self.plane.stop()
             self.plane = None
@@ -272,7 +294,13 @@ class Demo:
                 SimulatedNvml([model] * node.gpus, state_file=state_file, mig_enabled=True)
                 gpus = ("--simulated-gpu-spec", f"{node.model}:{node.gpus}")
                 labels = gfd_labels(node.product, node.gpus, memory_mib=model.memory_mib)
-            create_gpu_node(self.api, node.name, product=node.product, gpu_count=node.gpus, labels=labels)
+            extra = A100_MIG_RESOURCES if node is NODES[0] else None
+            create_gpu_node(
+                self.api, node.name, product=node.product, gpu_count=node.gpus, labels=labels,
+                extended_resources=extra,
+            )  # fmt: skip
+            socket = self.workdir / f"{node.name}-kubelet.sock"
+            self.podresources[node.name] = PodResourcesServer(str(socket)).start()
             reconciler_kubeconfig = self.reconciler_kubeconfig(node.name)
             self._spawn(
                 f"reconciler-{node.name}",
@@ -286,8 +314,9 @@ class Demo:
                     "--simulated-latency", "default=0.005,nvmlDeviceSetMigMode=0.2",
                     "--configmap", f"{CONFIGMAP.namespace}/{CONFIGMAP.name}",
                     "--configmap-key", CONFIGMAP.key,
-                    "--podresources-socket", str(self.workdir / f"{node.name}-no-kubelet.sock"),
+                    "--podresources-socket", str(socket),
                     "--resync-seconds", "60",
+                    "--usage-interval", "2",
                 ],
             )  # fmt: skip
 
@@ -307,9 +336,12 @@ class Demo:
 
     # --- the script -----------------------------------------------------------------------------
     def kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """kubectl with the demo's kubeconfig, and `kubectl mig` (this Python's kubectl-mig) on PATH."""
         assert self.plane is not None
-        argv = [str(self.plane.binary("kubectl")), "--kubeconfig", str(self.plane.kubeconfig_path), *args]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig_path), "PATH": path}
+        argv = [str(self.plane.binary("kubectl")), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, env=env)
 
     def show_kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
         self.out.detail("$ kubectl " + " ".join(args))
@@ -371,6 +403,7 @@ class Demo:
         self.out.step(f"5. The geometry on {a100} now")
         self.out.detail("\n".join(self.geometry_lines(a100)))
         self.play_unknown_gpu()
+        self.play_preview()
 
     def play_unknown_gpu(self) -> None:
         """A GPU no catalog knows is judged from the table its driver reports, exactly."""
@@ -391,6 +424,85 @@ class Demo:
             raise DemoError(f"{x100} ended in {state}: {reason}")
         self.out.detail(f"state={state}, reason: {reason}")
         self.out.detail("\n".join(f"{x100} {line}" for line in self.geometry_lines(x100)))
+
+    def run_pods(self, node: str, pods: dict[str, tuple[int, int]]) -> None:
+        """Pods on `node`'s MIG devices: each asks for its instance's profile, and the node's
+        PodResources stand-in says it got that device (as a kubelet would once it admits it)."""
+        state = self.workdir / f"gpus-{node}.json"
+        access = GpuAccess(SimulatedNvml(state_file=state))
+        access.start()
+        try:
+            places = {p.gpu * 100 + (p.gi or 0): (uuid, p) for i in range(access.gpu_count())
+                      for uuid, p in access.device_places(i).items() if uuid.startswith("MIG-") and "/" not in uuid}  # fmt: skip
+        finally:
+            access.stop()
+        ensure_namespace(self.api, WORKLOADS)
+        assigned: dict[tuple[str, str], list[tuple[str, list[str]]]] = {}
+        core: Any = k8s.CoreV1Api(self.api)
+        for name, (gpu, gi) in pods.items():
+            uuid, place = places[gpu * 100 + gi]
+            resource = f"nvidia.com/mig-{place.profile}"
+            assigned[(WORKLOADS, name)] = [(resource, [uuid])]
+            self.podresources[node].set(assigned)
+            container = {"name": "main", "image": "cuda", "resources": {"limits": {resource: "1"}}}
+            spec = {"nodeName": node, "terminationGracePeriodSeconds": 0, "containers": [container]}
+            core.create_namespaced_pod(WORKLOADS, {"metadata": {"name": name}, "spec": spec})
+
+    def running(self, node: str) -> set[str]:
+        core: Any = k8s.CoreV1Api(self.api)
+        pods = core.list_namespaced_pod(WORKLOADS, field_selector=f"spec.nodeName={node}")
+        return {
+            f"{WORKLOADS}/{p.metadata.name}"
+            for p in pods.items
+            if p.status.phase == "Running" and p.metadata.deletion_timestamp is None
+        }
+
+    def usage_names(self, node: str) -> set[str]:
+        core: Any = k8s.CoreV1Api(self.api)
+        text = (core.read_node(node).metadata.annotations or {}).get(keys.ANNOTATION_USAGE)
+        if not text:
+            return set()
+        return {pod for device in json.loads(text)["devices"] for pod in device["pods"]}
+
+    def play_preview(self) -> None:
+        """See before you change: the pods on each MIG device, the plan and the pods it evicts, as
+        `kubectl mig` and as the webhook's warnings on a dry run; then the change, evicting those."""
+        a100, target = NODES[0].name, "all-1g.5gb"
+        self.out.step(f"8. Pods run on {a100}'s MIG devices; its reconciler reports who uses which")
+        self.run_pods(a100, DEMO_PODS)
+        everyone = {f"{WORKLOADS}/{name}" for name in DEMO_PODS}
+        self._wait(lambda: self.running(a100) == everyone, 60, "the demo pods to run")
+        self._wait(lambda: self.usage_names(a100) == everyone, 60, f"{keys.ANNOTATION_USAGE} to name them")
+        self.show_kubectl("mig", "status")
+        self.out.step(f"9. Which configs fit {a100}, and why the others do not")
+        self.show_kubectl("mig", "configs", a100)
+        self.out.step(
+            f"10. What {target} would do on {a100}: the plan and the pods it evicts (writes nothing)"
+        )
+        self.show_kubectl("mig", "plan", a100, target)
+        planned = self.kubectl("mig", "plan", a100, target, "-o", "json")
+        if planned.returncode != 0:
+            raise DemoError(f"kubectl mig plan failed: {planned.stderr}")
+        previewed = set(json.loads(planned.stdout)["evicts"])
+        self.out.step(
+            "11. The same preview as the webhook's warnings, on a server-side dry run (nothing stored)"
+        )
+        label = f"{keys.LABEL_MIG_CONFIG}={target}"
+        self.show_kubectl("label", "node", a100, label, "--overwrite", "--dry-run=server")
+        self.out.step(f"12. The change itself: {a100} gets {target}")
+        if self.show_kubectl("label", "node", a100, label, "--overwrite").returncode != 0:
+            raise DemoError(f"{target} was rejected")
+        self._wait(lambda: self.node_state(a100)[0] in (keys.STATE_SUCCESS, keys.STATE_FAILED), 120, a100)
+        state, reason, _ = self.node_state(a100)
+        if state != keys.STATE_SUCCESS:
+            raise DemoError(f"{a100} ended in {state}: {reason}")
+        evicted = everyone - self.running(a100)
+        self.out.detail(f"evicted: {', '.join(sorted(evicted)) or 'none'}")
+        self.out.detail(f"kept running: {', '.join(sorted(everyone - evicted)) or 'none'}")
+        if evicted != previewed:
+            raise DemoError(f"the change evicted {sorted(evicted)}, the preview said {sorted(previewed)}")
+        self.out.detail("the change evicted exactly the pods the preview named")
+        self.show_kubectl("mig", "why", a100)
 
 
 @contextlib.contextmanager

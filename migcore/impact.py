@@ -55,7 +55,7 @@ def change_text(gpu: GpuPlan) -> str:
         after = "MIG enabled"
     if not before and not after:
         return "a pending MIG mode cleared"
-    return f"{before or 'nothing'} -> {after or 'nothing'}"
+    return f"{before or 'no instances'} -> {after or 'no instances'}"
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,13 @@ class GpuImpact:
     not_named: int  # pods evicted from it that the usage report counts but does not name
     reset: bool
     operations: tuple[str, ...]
+    layout: str = ""  # `<layout before> -> <layout after>`, instances with their starts
 
     def to_json(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "change": self.change,
+            "layout": self.layout,
             "reset": self.reset,
             "evicts": [str(p) for p in self.evicts],
             "notNamed": self.not_named,
@@ -221,7 +223,8 @@ def impact_of(config: str, plan: NodePlan, usage: NodeUsage | None) -> Impact:
         evicts = tuple(usage.movers(alone)) if usage is not None else ()
         unnamed = usage.unnamed_movers(alone) if usage is not None else 0
         ops = tuple(op.describe(with_gpu=False) for op in gpu.operations)
-        gpus.append(GpuImpact(gpu.index, change_text(gpu), evicts, unnamed, gpu.needs_reset, ops))
+        layout = f"{gpu.current.summary()} -> {gpu.desired.summary()}"
+        gpus.append(GpuImpact(gpu.index, change_text(gpu), evicts, unnamed, gpu.needs_reset, ops, layout))
     untouched = tuple(g.index for g in plan.gpus if not g.changes)
     evicts = tuple(usage.movers(plan)) if usage is not None else ()
     not_named = usage.unnamed_movers(plan) if usage is not None else 0

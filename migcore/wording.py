@@ -37,3 +37,15 @@ def names_text(names: Sequence[str], shown: int) -> str:
     """`a, b, c and 4 more`: the first `shown` names, and how many more there are."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+def age_text(seconds: float) -> str:
+    """`45s`, `12m`, `5h`, `3d`: how long ago, the way kubectl shows ages."""
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 2 * 3600:
+        return f"{s // 60}m"
+    if s < 2 * 86400:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
