@@ -38,5 +38,32 @@ def test_demo_shows_rejections_and_a_successful_change_then_cleans_up() -> None:
     assert "gpu-x100: 2 x NVIDIA-X100 (in no catalog: simulated from its driver's MIG table)" in out
     assert "3g.48gb x3 needs 3 GPU instances; NVIDIA X100 (driver table) allows at most 2 of 3g.48gb" in out
     assert re.findall(r"gpu-x100 GPU \d: (.*)", out) == ["3g.48gb@0, 3g.48gb@3"] * 2, out
+    # 8-12. see before you change: the pods on each MIG device, kubectl mig, the webhook's warnings
+    # on a dry run, then the change evicting exactly the pods the preview named
+    assert re.search(
+        r"^\s+gpu-a100\s+A100-SXM4-40GB x8\s+all-balanced\s+success\s+\S+\s+-\s+all-balanced applied",
+        out,
+        re.M,
+    ), out
+    assert re.search(
+        r"^\s+\* all-balanced\s+yes\s+GPUs 0-7: 2g.10gb@0, 1g.5gb@2, 1g.5gb@3, 3g.20gb@4$", out, re.M
+    )
+    assert "10 of 84 configs in ConfigMap gpu-operator/default-mig-parted-config fit node gpu-a100" in out
+    assert (
+        "node gpu-a100: all-balanced -> all-1g.5gb (ConfigMap gpu-operator/default-mig-parted-config)" in out
+    )
+    preview = [
+        "impact of all-1g.5gb: 8 of 8 GPUs change, 2 pods to evict",
+        "GPU 0: 2g.10gb, 3g.20gb -> 1g.5gb x5, evicts ml/train-0",
+        "GPUs 1-2,4-7: 2g.10gb, 3g.20gb -> 1g.5gb x5, evicts no pods",
+        "GPU 3: 2g.10gb, 3g.20gb -> 1g.5gb x5, evicts ml/infer-1",
+    ]
+    for line in preview:
+        assert f"           {line}\n" in out  # kubectl mig plan
+        assert f"Warning: {line}\n" in out  # the webhook, on the dry run and on the change
+    assert "node/gpu-a100 labeled (server dry run)\n           Warning: impact of all-1g.5gb" in out
+    assert "evicted: ml/infer-1, ml/train-0\n           kept running: ml/infer-0, ml/notebook" in out
+    assert "the change evicted exactly the pods the preview named" in out
+    assert "waiting for:  nothing: the GPUs hold all-1g.5gb" in out
     assert "export KUBECONFIG=" in out
     assert "Stopping everything" in out

@@ -15,6 +15,7 @@ import os
 import re
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -36,6 +37,7 @@ from devcluster.node import RealNode
 from devcluster.processes import wait_until
 from migcore import keys
 from migcore.geometry import GpuGeometry
+from migcore.usage import NodeUsage
 from reconciler.gpu_access import GpuAccess
 from reconciler.nvml_sim import SimulatedNvml
 from reconciler.workloads import list_pod_devices
@@ -360,6 +362,25 @@ def workload(release: Release, name: str, resource: str) -> Any:
     )
 
 
+def usage_names(release: Release) -> set[str]:
+    """The pods the node's usage report (mig-guard.io/usage) names."""
+    text = (release.core.read_node(release.node.name).metadata.annotations or {}).get(keys.ANNOTATION_USAGE)
+    return {str(p) for p in NodeUsage.from_annotation(text).pods()} if text else set()
+
+
+def kubectl_mig(release: Release, *args: str) -> subprocess.CompletedProcess[str]:
+    """`kubectl mig ARGS` as an admin runs it: kubectl finds kubectl-mig on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.run(
+        [str(binaries.find_binary("kubectl")), "mig", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": str(release.node.kubeconfig_path), "PATH": path},
+        check=False,
+    )
+
+
 def running(release: Release) -> dict[str, str]:
     """Workload pod name -> uid, for pods Running and not being deleted."""
     pods = release.core.list_namespaced_pod(WORKLOADS).items
@@ -431,10 +452,27 @@ def test_a_change_evicts_exactly_the_pods_on_changing_instances_and_honours_pdbs
     assert running(release) == before
 
     # Without it, the next change moves exactly the pod on GPU 1; the one on GPU 0 keeps running.
+    # Seen before it is made: the reconciler publishes who uses which MIG device (from the real
+    # kubelet's PodResources), and the webhook's warnings on a dry run and `kubectl mig plan` name
+    # the pod the change then evicts.
     policy.delete_namespaced_pod_disruption_budget("keep-mover", WORKLOADS)
+    wait_until(
+        lambda: usage_names(release) == {f"{WORKLOADS}/{mover}", f"{WORKLOADS}/{stayer}"}, 60, what="usage"
+    )
+    label = f"{keys.LABEL_MIG_CONFIG}=gpu1-7g.40gb"
+    dry = release.kubectl("label", "node", release.node.name, label, "--overwrite", "--dry-run=server")
+    assert dry.returncode == 0, dry.stderr
+    assert f"Warning: GPU 1: 1g.5gb x7 -> 7g.40gb, evicts {WORKLOADS}/{mover}\n" in dry.stderr
+    assert "Warning: GPU 0 untouched" in dry.stderr
+    planned = kubectl_mig(release, "plan", release.node.name, "gpu1-7g.40gb", "-o", "json")
+    assert planned.returncode == 0, planned.stderr
+    preview = json.loads(planned.stdout)
+    assert preview["configSource"] == f"ConfigMap {NAMESPACE}/{RELEASE}-mig-parted-config"  # found by itself
+    assert preview["evicts"] == [f"{WORKLOADS}/{mover}"]
     since = release.label("gpu1-7g.40gb")
     release.wait_state("success", "gpu1-7g.40gb applied", since)
     assert running(release) == {stayer: before[stayer]}
+    assert {f"{WORKLOADS}/{name}" for name in before} - {f"{WORKLOADS}/{stayer}"} == set(preview["evicts"])
     assert {i: dict(g.device_counts()) for i, g in release.geometries().items()} == {
         0: {"1g.5gb": 7},
         1: {"7g.40gb": 1},
