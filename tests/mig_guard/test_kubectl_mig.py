@@ -124,11 +124,11 @@ def reported_node(k8s_api: Any, gpus: GpuAccess, usage: NodeUsage | None = None,
     return name
 
 
-def test_status_shows_each_node_at_a_glance(mig: Mig, k8s_api: Any, gpus: GpuAccess) -> None:
+def test_status_shows_each_node_at_a_glance(mig: Mig, k8s_api: Any, gpus: GpuAccess, viewer: Path) -> None:
     done = reported_node(k8s_api, gpus)
     bare = f"mig-{uuid.uuid4().hex[:6]}"
     create_gpu_node(k8s_api, bare, "NVIDIA-H100-80GB-HBM3", 8, fake=False)
-    result = mig("status", done, bare)
+    result = mig("status", done, bare, kubeconfig=viewer)
     assert result.returncode == 0, result.stderr
     header, first, second = result.stdout.splitlines()
     assert header.split() == ["NODE", "GPUS", "CONFIG", "STATE", "FOR", "HELD", "REASON"]
@@ -144,13 +144,32 @@ def test_status_shows_each_node_at_a_glance(mig: Mig, k8s_api: Any, gpus: GpuAcc
     assert {done, bare} <= {n["node"] for n in json.loads(every.stdout)["nodes"]}
 
 
+@pytest.fixture(scope="module")
+def viewer(control_plane: ControlPlane, k8s_api: Any) -> Path:
+    """A kubeconfig of a user with only the read access docs/reference.md says `kubectl mig` needs
+    (and no write at all: whatever it tried to write would be refused, and it would fail)."""
+    rbac = k8s.RbacAuthorizationV1Api(k8s_api)
+    name = f"kubectl-mig-viewer-{uuid.uuid4().hex[:6]}"
+    rules = [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
+    ]
+    rbac.create_cluster_role({"metadata": {"name": name}, "rules": rules})
+    subject = {"kind": "User", "name": name, "apiGroup": "rbac.authorization.k8s.io"}
+    role = {"kind": "ClusterRole", "name": name, "apiGroup": "rbac.authorization.k8s.io"}
+    rbac.create_cluster_role_binding({"metadata": {"name": name}, "subjects": [subject], "roleRef": role})
+    return control_plane.write_user_kubeconfig(name)
+
+
 def test_plan_names_the_pods_a_change_evicts_and_writes_nothing(
-    mig: Mig, k8s_api: Any, gpus: GpuAccess, configmap: str
+    mig: Mig, k8s_api: Any, gpus: GpuAccess, configmap: str, viewer: Path
 ) -> None:
     usage = usage_on(gpus, {"ml/stays": (0, 0), "ml/train": (1, 0), "ml/infer": (1, 4)})
     name = reported_node(k8s_api, gpus, usage)
-    before = k8s.CoreV1Api(k8s_api).read_node(name).metadata.resource_version
-    result = mig("plan", name, "gpu1-7g", "--configmap", configmap)
+    notes_before = k8s.CoreV1Api(k8s_api).read_node(name).metadata.annotations
+    # Run as a user who may only read: a write would be refused and the plan would fail.
+    result = mig("plan", name, "gpu1-7g", "--configmap", configmap, kubeconfig=viewer)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"node {name}: all-3g -> gpu1-7g (ConfigMap {configmap})"
@@ -178,7 +197,10 @@ def test_plan_names_the_pods_a_change_evicts_and_writes_nothing(
     assert data["gpus"][0]["operations"][0] == "destroy-ci 3g.20gb@0 in GI@0"
     verbose = mig("plan", name, "gpu1-7g", "--configmap", configmap, "--operations").stdout
     assert "    create-gi 7g.40gb@0" in verbose.splitlines()
-    assert node.metadata.resource_version == before  # it wrote nothing
+    # Nothing of mig-guard's changed (the controller manager may settle the new node meanwhile).
+    mine = {k: v for k, v in (node.metadata.annotations or {}).items() if k.startswith(keys.PREFIX)}
+    assert mine == {k: v for k, v in (notes_before or {}).items() if k.startswith(keys.PREFIX)}
+    assert node.metadata.labels[keys.LABEL_MIG_CONFIG] == "all-3g"
 
 
 def test_plan_refuses_what_the_webhook_refuses_in_one_sentence(
@@ -204,10 +226,10 @@ def test_plan_refuses_what_the_webhook_refuses_in_one_sentence(
 
 
 def test_configs_lists_what_fits_and_why_the_rest_does_not(
-    mig: Mig, k8s_api: Any, gpus: GpuAccess, configmap: str
+    mig: Mig, k8s_api: Any, gpus: GpuAccess, configmap: str, viewer: Path
 ) -> None:
     name = reported_node(k8s_api, gpus)
-    result = mig("configs", name, "--configmap", configmap)
+    result = mig("configs", name, "--configmap", configmap, kubeconfig=viewer)
     assert result.returncode == 0, result.stderr
     rows = result.stdout.splitlines()
     assert rows[1].split()[:3] == ["*", "all-3g", "yes"]  # the current layout, marked
@@ -228,10 +250,10 @@ def test_configs_lists_what_fits_and_why_the_rest_does_not(
 
 
 def test_why_shows_the_reason_condition_events_hold_and_what_it_waits_for(
-    mig: Mig, k8s_api: Any, gpus: GpuAccess
+    mig: Mig, k8s_api: Any, gpus: GpuAccess, viewer: Path
 ) -> None:
     name = reported_node(k8s_api, gpus)
-    out = mig("why", name).stdout
+    out = mig("why", name, kubeconfig=viewer).stdout
     assert f"node {name}: all-3g, success for " in out
     assert "reason:       all-3g applied: GPUs 0-1: 3g.20gb@0, 3g.20gb@4" in out
     assert "condition:    MIGConfigReady=True (Applied), since " in out
