@@ -32,7 +32,8 @@ def test_demo_shows_rejections_and_a_successful_change_then_cleans_up() -> None:
     assert "right after the write: state=pending, tainted=True" in out
     assert "now: state=success, tainted=False" in out
     # 5. the geometry all-balanced asks for, on all 8 GPUs
-    geometry = re.findall(r"^\s+GPU \d: (.*)", out, re.MULTILINE)
+    step5 = out.split("5. The geometry on gpu-a100 now", 1)[-1].split("6. A GPU no catalog knows", 1)[0]
+    geometry = re.findall(r"^\s+GPU \d: (.*)", step5, re.MULTILINE)
     assert geometry == ["2g.10gb@0, 1g.5gb@2, 1g.5gb@3, 3g.20gb@4"] * 8, out
     # 6. a GPU no catalog knows: refused exactly by its driver's table, then a layout it holds applied
     assert "gpu-x100: 2 x NVIDIA-X100 (in no catalog: simulated from its driver's MIG table)" in out
