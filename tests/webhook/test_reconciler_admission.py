@@ -208,5 +208,8 @@ def test_without_the_webhook_configurations_the_reconciler_still_validates_holds
         # The identity rules are the API server's own: spoofing is refused all the same.
         spoof = kubectl("label", "node", name, f"{keys.LABEL_MIG_STATE}=success", "--overwrite")
         assert spoof.returncode != 0 and "only the mig-guard reconciler sets these" in spoof.stderr
+        # A usage report of the admin's own (which pods a preview would name) likewise.
+        usage = kubectl("annotate", "node", name, f'{keys.ANNOTATION_USAGE}={{"version":1}}', "--overwrite")
+        assert usage.returncode != 0 and f"may not change {keys.ANNOTATION_USAGE} on node" in usage.stderr
     finally:
         deployment.register()

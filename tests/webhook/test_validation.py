@@ -211,6 +211,7 @@ def test_protected_annotations_and_removals_are_denied_to_users(
     for new in (
         annotate(old, {keys.ANNOTATION_REASON: "all good"}),
         annotate(old, {keys.ANNOTATION_GPUS: a30_report()}),
+        annotate(old, {keys.ANNOTATION_USAGE: '{"version": 1, "devices": []}'}),
         annotate(old, {"mig-guard.io/anything": "1"}),
         relabel(old, {keys.LABEL_MIG_STATE: None}),
         relabel(old, {"mig-guard.io/label": "x"}),
