@@ -326,8 +326,13 @@ def test_the_reconciler_pod_applies_a_valid_layout_and_the_node_reaches_success(
     node = release.core.read_node(release.node.name)
     assert not any(t.key == keys.TAINT_KEY for t in node.spec.taints or [])
     assert keys.ANNOTATION_HOLD not in (node.metadata.annotations or {})
-    ready = [c for c in node.status.conditions if c.type == "MIGConfigReady"]
-    assert ready and ready[0].status == "True"
+    # The condition is written right after the state label (its own write, on the status subresource).
+    wait_until(lambda: _ready_condition(release) == "True", 30, what="MIGConfigReady=True")
+
+
+def _ready_condition(release: Release) -> str | None:
+    node = release.core.read_node(release.node.name)
+    return next((c.status for c in node.status.conditions or [] if c.type == "MIGConfigReady"), None)
 
 
 @pytest.fixture
