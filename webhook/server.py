@@ -27,6 +27,9 @@ from webhook.settings import WebhookSettings
 from webhook.tls import CertificateFiles
 
 GIL_SWITCH_INTERVAL = 0.0005
+# After SIGTERM a worker drains for at most this long (webhook.worker), then gunicorn kills it. The
+# chart's terminationGracePeriodSeconds is its preStop sleep plus this plus a margin.
+GRACEFUL_TIMEOUT_SECONDS = 10
 
 
 def gunicorn_options(settings: WebhookSettings, certificates: CertificateFiles) -> dict[str, Any]:
@@ -58,7 +61,7 @@ def gunicorn_options(settings: WebhookSettings, certificates: CertificateFiles) 
         "threads": settings.threads,
         "keepalive": settings.keepalive,
         "timeout": settings.timeout,
-        "graceful_timeout": 10,
+        "graceful_timeout": GRACEFUL_TIMEOUT_SECONDS,
         "certfile": str(settings.cert_file),
         "keyfile": str(settings.key_file),
         "ssl_context": ssl_context,
@@ -98,10 +101,14 @@ def serve(settings: WebhookSettings) -> int:
     jsonlog.configure(settings.log_level)
     metrics_dir = tempfile.mkdtemp(prefix="mig-guard-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir
+    master = os.getpid()
     try:
         WebhookServer(settings).run()
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int | None) else 1
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        # A worker is forked inside run() and ends by raising SystemExit up through here too: only
+        # the master, last to go, removes what every worker (and a replacement) writes to.
+        if os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

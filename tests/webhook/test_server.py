@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import ssl
 import subprocess
 import threading
@@ -174,3 +176,35 @@ def test_unusable_config_file_is_a_usage_error(tmp_path: Path, authority: TestAu
     )
     assert result.returncode == 2
     assert "no such file" in result.stderr
+
+
+def test_a_worker_that_exits_leaves_the_metrics_directory_to_the_others(
+    tmp_path: Path, authority: TestAuthority, default_config_file: Path
+) -> None:
+    """A worker that ends (restarted after a timeout, or the first one done draining) runs up
+    through `serve()` in its own process: it must not remove the metrics directory that the
+    other workers, and its replacement, still write to (each request would fail with a 500)."""
+    with WebhookProcess(tmp_path, authority, "--mig-config-file", str(default_config_file)) as server:
+        assert server.process is not None
+        master = server.process.pid
+
+        def workers() -> set[str]:
+            found = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True, check=False)
+            return set(found.stdout.split())
+
+        def wait_for_two(but_not: str = "") -> set[str]:
+            deadline = time.monotonic() + 30
+            while len(found := workers() - {but_not}) != 2:
+                assert time.monotonic() < deadline, f"workers: {workers()}"
+                time.sleep(0.1)
+            return found
+
+        first = sorted(wait_for_two())[0]
+        os.kill(int(first), signal.SIGTERM)  # it drains and exits; the arbiter starts a replacement
+        wait_for_two(but_not=first)
+        while first in workers():
+            time.sleep(0.1)
+        for i in range(30):  # a fresh connection each: both workers answer some
+            status, body = server.post("/validate", change_review("all-1g.5gb", uid=f"after-{i}"))
+            assert status == 200, body
+        assert server.metric("mig_guard_webhook_requests_total", endpoint="validate") >= 30
