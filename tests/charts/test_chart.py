@@ -29,6 +29,7 @@ from mig_guard.commands.certs import request_from_args
 from migcore import keys
 from tools import render_chart_cel
 from webhook import node_policy, registration
+from webhook.server import GRACEFUL_TIMEOUT_SECONDS
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mig-guard"
@@ -201,6 +202,10 @@ def test_webhook_pods_are_hardened_replicated_and_spread(helm: Run) -> None:
     assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
     # Keeps answering until its endpoint is gone everywhere (a rolling upgrade refused calls without).
     assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    # ...and then drains within gunicorn's graceful timeout, before the kubelet would kill it.
+    assert spec["terminationGracePeriodSeconds"] > 5 + GRACEFUL_TIMEOUT_SECONDS
+    longer = one(render(helm, "--set=webhook.preStopSleepSeconds=60"), "Deployment", "-webhook")
+    assert longer["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 60 + GRACEFUL_TIMEOUT_SECONDS
     assert {c["topologyKey"] for c in spec["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
     assert "podAntiAffinity" in spec["affinity"]
     volumes = {v["name"]: v for v in spec["volumes"]}
