@@ -5,12 +5,18 @@ removes or changes a config a node is labelled with so that it no longer fits th
 Only breakage caused by this update counts: a node whose config was already missing or
 invalid before is not blamed on it. Nodes are listed (label selector on
 `nvidia.com/mig.config`) when such an update arrives, which is rare.
+
+Whatever the verdict, the new version's own warnings (what parses but looks wrong, such as a
+profile no GPU in the catalog has) come back as admission warnings, which `kubectl apply` and
+GitOps tools show: at most ten in all, the last one saying how many more there are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -23,7 +29,7 @@ from migcore.config import ConfigError, MigPartedConfig, parse_config
 from migcore.wording import shorten
 from webhook.node_hardware import HardwareResolver
 from webhook.review import AdmissionRequest, ReviewError
-from webhook.verdict import CODE_INVALID, Verdict
+from webhook.verdict import API_WARNING_CHARS, CODE_INVALID, MAX_WARNINGS, Verdict
 
 NODES_NAMED = 5
 
@@ -61,6 +67,14 @@ def _config_text(obj: Mapping[str, Any] | None, key: str) -> str | None:
     return text
 
 
+def _printable(text: str) -> str:
+    """`text` with control characters escaped: the API server drops a warning that has any (a
+    config name can, in a quoted YAML key)."""
+    return "".join(
+        c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" else c for c in text
+    )
+
+
 def _parse(text: str | None, catalog: Catalog) -> MigPartedConfig | None:
     if text is None:
         return None
@@ -94,15 +108,33 @@ class ConfigMapGuard:
         result = check_config(config, name, hardware)
         return None if result.valid else f"{name} no longer fits: {result.errors[0] if result.errors else ''}"
 
-    def _answer(self, problem: str, details: Sequence[str] = ()) -> Verdict:
-        """Deny with the whole story, or (warn mode) allow with one short warning per detail."""
+    def _answer(self, problem: str, details: Sequence[str] = (), notes: Sequence[str] = ()) -> Verdict:
+        """Deny with the whole story, or (warn mode) allow with one short warning per detail; the
+        config's own warnings (`notes`) after those either way."""
         if self._mode is GuardMode.WARN:
-            return Verdict.allow(
-                warnings=(problem,) if not details else [f"{self.ref}: breaks {d}" for d in details]
-            )
-        return Verdict.deny(CODE_INVALID, problem)
+            breakage = [problem] if not details else [f"{self.ref}: breaks {d}" for d in details]
+            return Verdict.allow(warnings=self._warnings(breakage, notes))
+        return Verdict.deny(CODE_INVALID, problem, warnings=self._warnings([], notes))
+
+    def _warnings(self, breakage: Sequence[str], notes: Sequence[str]) -> list[str]:
+        """Breakage first, then the config's warnings (each prefixed with its key); within
+        MAX_WARNINGS, the last place saying how many are left out and where to see them all."""
+        warnings = [*breakage, *(f"{self.ref.key}: {_printable(n)}" for n in notes)]
+        if len(warnings) <= MAX_WARNINGS:
+            return warnings
+        shown = warnings[: MAX_WARNINGS - 1]
+        left = len(warnings) - len(shown)
+        return [
+            *shown,
+            f"{left} more warnings left out; `mig-guard check --config FILE --all` on the {self.ref.key} "
+            "of this ConfigMap lists them all",
+        ]
 
     def judge(self, request: AdmissionRequest) -> Verdict:
+        """The verdict, with the new version's warnings as long as the API server keeps them."""
+        return dataclasses.replace(self._judge(request), warning_chars=API_WARNING_CHARS)
+
+    def _judge(self, request: AdmissionRequest) -> Verdict:
         # `object_name`: a collection delete (the namespace controller's way) carries no request name.
         if request.namespace != self.ref.namespace or request.object_name != self.ref.name:
             return Verdict.allow()
@@ -127,8 +159,9 @@ class ConfigMapGuard:
             why = self._fits(new_config, node)
             if why is not None:
                 broken.append(f"{node.name} ({shorten(why, 100)})")
+        notes = new_config.warnings if new_config is not None else ()
         if not broken:
-            return Verdict.allow()
+            return Verdict.allow(warnings=self._warnings([], notes))
         shown = ", ".join(broken[:NODES_NAMED])
         more = f" and {len(broken) - NODES_NAMED} more" if len(broken) > NODES_NAMED else ""
         verb = "deleting" if request.operation == "DELETE" else "this change to"
@@ -136,4 +169,5 @@ class ConfigMapGuard:
             f"{verb} {self.ref} would break {len(broken)} labelled node(s): {shown}{more}. "
             f"Relabel those nodes ({keys.LABEL_MIG_CONFIG}) first, or keep their configs.",
             broken,
+            notes,
         )

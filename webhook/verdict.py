@@ -1,8 +1,8 @@
 """The webhook's answer: allowed or denied, why, warnings, and an optional JSONPatch.
 
 Builds the AdmissionReview response the API server expects (uid echoed, apiVersion and
-kind set: without them the API server rejects the answer) and keeps warnings within the
-120 characters that kubectl shows in full.
+kind set: without them the API server rejects the answer) and keeps warnings short (120
+characters, or the API server's 256 where a verdict quotes longer text) and at most ten.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from webhook.admission_types import (
 
 MAX_WARNING_CHARS = 120
 MAX_WARNINGS = 10
+# The API server's own limit (k8s.io/apiserver filters/warning.go): once the warnings of a response
+# pass 4096 characters in all it cuts each to 256 and drops the rest. MAX_WARNINGS of this length
+# stay under that total, so a verdict may allow its warnings this long (see `warning_chars`).
+API_WARNING_CHARS = 256
 MAX_MESSAGE_CHARS = 2000
 
 CODE_INVALID = 400
@@ -38,6 +42,9 @@ class Verdict:
     message: str = ""
     warnings: tuple[str, ...] = ()
     patch: tuple[PatchOperation, ...] = field(default=())
+    # Longer warnings are cut to this (at most API_WARNING_CHARS): quoted text such as a config's
+    # own warnings is worth more than the 120 characters kubectl users read at a glance.
+    warning_chars: int = MAX_WARNING_CHARS
 
     @staticmethod
     def allow(warnings: Sequence[str] = (), patch: Sequence[PatchOperation] = ()) -> Verdict:
@@ -65,7 +72,8 @@ class Verdict:
                 "reason": "Forbidden" if self.code == CODE_FORBIDDEN else "Invalid",
             }
         if self.warnings:
-            response["warnings"] = [shorten(w, MAX_WARNING_CHARS) for w in self.warnings[:MAX_WARNINGS]]
+            limit = min(self.warning_chars, API_WARNING_CHARS)
+            response["warnings"] = [shorten(w, limit) for w in self.warnings[:MAX_WARNINGS]]
         if self.allowed and self.patch:
             response["patchType"] = "JSONPatch"
             raw = json.dumps(list(self.patch), separators=(",", ":")).encode()

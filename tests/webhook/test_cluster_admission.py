@@ -9,6 +9,7 @@ in the same session never reach it; everything is deregistered at teardown.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -229,6 +230,59 @@ def test_configmap_guard_protects_labelled_nodes(webhook: Deployment, default_co
         update(default_config_text)
     core.patch_node(name, {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-1g.5gb"}}})
     update(default_config_text)
+
+
+def test_kubectl_apply_of_the_configmap_prints_the_configs_warnings(
+    webhook: Deployment, kubectl: KubectlRunner, default_config_text: str
+) -> None:
+    document = yaml.safe_load(default_config_text)
+
+    def apply(configs: dict[str, Any], *flags: str) -> Any:
+        text = yaml.safe_dump({**document, "mig-configs": configs})
+        manifest = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": CONFIGMAP.name, "namespace": NAMESPACE},
+            "data": {"config.yaml": text},
+        }
+        return kubectl("apply", "-f", "-", *flags, input=json.dumps(manifest))
+
+    def layout(*profiles: str) -> list[dict[str, Any]]:
+        return [{"devices": "all", "mig-enabled": True, "mig-devices": dict.fromkeys(profiles, 1)}]
+
+    configs = document["mig-configs"]
+    try:
+        typo = apply({**configs, "team-a": layout("2g.11gb")})
+        assert typo.returncode == 0, typo.stderr
+        assert (
+            'Warning: config.yaml: mig-configs.team-a[0].mig-devices."2g.11gb": profile 2g.11gb exists on no GPU'
+            in typo.stderr
+        )
+        assert "(closest: 2g.10gb (A100-40GB); 2g.12gb (A30-24GB)" in typo.stderr
+        # Twelve such profiles: ten warnings, the last saying how many more there are.
+        many = apply({**configs, "team-a": layout(*(f"1g.{m}gb" for m in range(30, 45)))}, "--dry-run=server")
+        assert many.returncode == 0, many.stderr
+        ours = [line for line in many.stderr.splitlines() if line.startswith("Warning: ") and "mig-" in line]
+        assert len(ours) == 10, many.stderr
+        assert ours[-1].startswith("Warning: 3 more warnings left out;"), many.stderr
+        # A denied update shows them as well.
+        name = webhook.node("warned")
+        k8s.CoreV1Api(webhook.api).patch_node(
+            name, {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-2g.10gb"}}}
+        )
+        denied = apply(
+            {**{k: v for k, v in configs.items() if k != "all-2g.10gb"}, "team-a": layout("2g.11gb")},
+            "--dry-run=server",
+        )
+        assert denied.returncode != 0
+        # Other tests of the session may have left nodes on that config too: ours is among them.
+        assert re.search(
+            rf"would break \d+ labelled node\(s\): [^\n]*{name} \(all-2g\.10gb removed\)", denied.stderr
+        )
+        assert 'Warning: config.yaml: mig-configs.team-a[0].mig-devices."2g.11gb"' in denied.stderr
+    finally:
+        restored = apply(configs)
+        assert restored.returncode == 0, restored.stderr
 
 
 def test_rotated_certificate_is_used_by_the_api_server_without_restart(

@@ -13,7 +13,7 @@ from migcore import keys
 from webhook.configmap_guard import ConfigMapGuard, GuardMode
 from webhook.node_hardware import HardwareResolver
 from webhook.review import request_from_review
-from webhook.verdict import Verdict
+from webhook.verdict import API_WARNING_CHARS, MAX_WARNINGS, Verdict
 
 REF = ConfigMapRef("gpu-operator", "default-mig-parted-config")
 BASE = {
@@ -117,3 +117,58 @@ def test_other_configmaps_are_not_judged(resolver: HardwareResolver) -> None:
     guard = ConfigMapGuard(REF, Nodes(("gpu-1", "all-1g.5gb")), resolver, GuardMode.DENY)
     sent = review(configmap("junk"), configmap(BASE), kind="ConfigMap", namespace="default", name=REF.name)
     assert guard.judge(request_from_review(sent)).allowed
+
+
+def with_profiles(*profiles: str, name: str = "custom") -> dict:
+    entry = {"devices": "all", "mig-enabled": True, "mig-devices": dict.fromkeys(profiles, 1)}
+    return {**BASE, "mig-configs": {**BASE["mig-configs"], name: [entry]}}
+
+
+def test_the_configs_own_warnings_come_back_as_admission_warnings(resolver: HardwareResolver) -> None:
+    """A profile no catalog GPU has parses (a GPU outside the catalog may offer it) but is most
+    likely a typo: the writer sees it, with the closest real profiles, at `kubectl apply`."""
+    guard = ConfigMapGuard(REF, Nodes(("gpu-1", "all-1g.5gb")), resolver, GuardMode.DENY)
+    verdict = judge(guard, with_profiles("2g.11gb"))
+    assert verdict.allowed
+    (warning,) = verdict.to_review("u")["response"]["warnings"]
+    assert warning.startswith('config.yaml: mig-configs.custom[0].mig-devices."2g.11gb": profile 2g.11gb')
+    assert "closest: 2g.10gb (A100-40GB)" in warning  # kept whole, not cut at 120 characters
+    assert len(warning) <= API_WARNING_CHARS
+    assert judge(guard, without("all-2g.10gb")).warnings == ()  # a clean config: no warnings
+
+
+def test_a_denied_update_shows_the_configs_warnings_too(resolver: HardwareResolver) -> None:
+    guard = ConfigMapGuard(REF, Nodes(("gpu-1", "all-1g.5gb")), resolver, GuardMode.DENY)
+    update = with_profiles("2g.11gb")
+    del update["mig-configs"]["all-1g.5gb"]
+    verdict = judge(guard, update)
+    assert not verdict.allowed
+    assert "gpu-1 (all-1g.5gb removed)" in verdict.message
+    assert [w[:40] for w in verdict.warnings] == ["config.yaml: mig-configs.custom[0].mig-d"]
+
+
+def test_warnings_past_ten_are_counted_not_dropped(resolver: HardwareResolver) -> None:
+    """The node breakage (warn mode) first, then the config's warnings, ten at most: the tenth says
+    how many more there are."""
+    guard = ConfigMapGuard(
+        REF, Nodes(("gpu-1", "all-1g.5gb"), ("gpu-2", "all-1g.5gb")), resolver, GuardMode.WARN
+    )
+    unknown = [f"1g.{m}gb" for m in range(30, 45)]  # 12 of them exist on no GPU in the catalog
+    update = with_profiles(*unknown)
+    del update["mig-configs"]["all-1g.5gb"]
+    verdict = judge(guard, update)
+    sent = verdict.to_review("u")["response"]["warnings"]
+    assert len(sent) == MAX_WARNINGS
+    assert all("all-1g.5gb removed" in w for w in sent[:2])
+    assert all(w.startswith("config.yaml: mig-configs.custom[0]") for w in sent[2:9])
+    # 2 + 12 warnings, 9 shown: 5 more.
+    assert sent[9].startswith("5 more warnings left out; `mig-guard check --config FILE --all`")
+    assert sum(len(w) for w in sent) <= 4096  # the API server's total: nothing cut or dropped there
+
+
+def test_control_characters_in_a_config_name_are_escaped(resolver: HardwareResolver) -> None:
+    """The API server drops a warning with a control character in it, silently."""
+    guard = ConfigMapGuard(REF, Nodes(), resolver, GuardMode.DENY)
+    (warning,) = judge(guard, with_profiles("2g.11gb", name="bell\x07name")).warnings
+    assert "mig-configs.bell\\x07name[0]" in warning
+    assert not any(ord(c) < 32 for c in warning)
