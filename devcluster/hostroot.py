@@ -128,8 +128,10 @@ class HostRootFixture:
         root.mkdir(parents=True, exist_ok=True)
         install_tools(root)
         fixture = HostRootFixture(root)
-        for directory in (FAIL_DIR, BLOCK_DIR, UNITS_DIR, "var/log", "var/run/cdi", "dev", "tmp"):
+        for directory in (FAIL_DIR, BLOCK_DIR, UNITS_DIR, "var/log", "run/cdi", "dev", "tmp"):
             (root / directory).mkdir(parents=True, exist_ok=True)
+        if not (root / "var/run").is_symlink():
+            os.symlink("/run", root / "var/run")  # as on most hosts: an absolute link, the host's
         (root / LOG).touch()
         fixture.script("usr/bin/systemctl", "systemctl", _SYSTEMCTL)
         fixture.script(f"{TOOLKIT_DIR}/nvidia-ctk", "nvidia-ctk", _NVIDIA_CTK)
@@ -143,7 +145,7 @@ class HostRootFixture:
             os.link(root / LOG, driver / LOG)  # one log, one order, for every stand-in
         fixture.script(f"{driver_root.strip('/')}/usr/bin/nvidia-smi".lstrip("/"), "nvidia-smi", _NVIDIA_SMI)
         if cdi_spec:
-            (root / "var/run/cdi/nvidia.yaml").write_text("# the toolkit's CDI spec (stand-in)\n")
+            (root / "run/cdi/nvidia.yaml").write_text("# the toolkit's CDI spec (stand-in)\n")
         for unit, running in units.items():
             fixture.set_unit(unit, running)
         return fixture
@@ -195,4 +197,9 @@ class HostRootFixture:
             return False
 
     def file(self, host_path: str) -> Path:
-        return self.root / host_path.lstrip("/")
+        """The host's `host_path` (`/var/run` is the host's link to `/run`: never followed from
+        here, where it would name this machine's /run)."""
+        path = host_path.lstrip("/")
+        if path == "var/run" or path.startswith("var/run/"):
+            path = path.removeprefix("var/")
+        return self.root / path

@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.driver import DriverInfo
+from reconciler.driver import BIN_DIRS, LIB_DIRS, NVML_LIBRARY, DriverInfo
 from reconciler.host import HostCommandError, HostRoot
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,6 @@ MANAGEMENT_SPEC = "/var/run/cdi/management.nvidia.com-gpu.yaml"
 # Where the GPU Operator's toolkit installs nvidia-ctk and the CDI hook (toolkit.installDir).
 DEFAULT_TOOLKIT_DIR = "/usr/local/nvidia/toolkit"
 STALE_FILE = "cdi-stale"
-_BIN_DIRS = ("usr/bin", "usr/sbin", "bin", "sbin")
-_LIB_DIRS = (
-    "usr/lib64",
-    "usr/lib/x86_64-linux-gnu",
-    "usr/lib/aarch64-linux-gnu",
-    "lib64",
-    "lib/x86_64-linux-gnu",
-    "lib/aarch64-linux-gnu",
-    "usr/lib",
-)
 
 
 class CdiMode(enum.StrEnum):
@@ -167,8 +157,8 @@ class Cdi:
         if root.rstrip("/") == self.driver.dev_root.rstrip("/"):
             self.host.run(["nvidia-smi"], within=root)
             return
-        smi = self._find(root, _BIN_DIRS, "nvidia-smi")
-        library = self._find(root, _LIB_DIRS, "libnvidia-ml.so.1")
+        smi = self._find(root, BIN_DIRS, "nvidia-smi")
+        library = self._find(root, LIB_DIRS, NVML_LIBRARY)
         self.host.run([smi], env={"LD_PRELOAD": library})
 
     def _find(self, root: str, dirs: tuple[str, ...], name: str) -> str:

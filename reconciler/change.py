@@ -664,7 +664,11 @@ class Change:
         DaemonSet is not where the operands are looked for get a warning: they may still use the
         GPUs, unseen."""
         if self.progress.operands:
-            missing = self.parts.operator.missing(self.progress.operands)
+            try:
+                missing = self.parts.operator.missing(self.progress.operands)
+            except API_ERRORS as exc:  # only a warning is at stake
+                log.warning("could not look for the GPU Operator's DaemonSets: %s", describe(exc))
+                missing = []
             if missing:
                 namespace = self.parts.operator.where()
                 note = (
@@ -680,7 +684,13 @@ class Change:
                 "Normal", "PausingOperands", f"{self.name}: waiting for GPU operands to go ({paused})"
             )
         self.parts.operands.wait_gone(self.progress.operands, self.settings.operand_timeout)
-        removed = self.parts.operator.remove_validators()
+        try:
+            removed = self.parts.operator.remove_validators()
+        except API_ERRORS as exc:  # they validated the old layout; the change goes on without that
+            note = f"the GPU Operator's CUDA and plugin validator pods were not deleted: {describe(exc)}"
+            log.warning("%s", note)
+            self.parts.node.event("Warning", "ValidatorsNotRemoved", note)
+            removed = []
         if removed:
             log.info("deleted validator pods: %s", ", ".join(removed))
 

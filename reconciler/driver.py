@@ -15,12 +15,28 @@ driver's tools from its root; the reconciler does the same (`reconciler.loop`, `
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 DEFAULT_READY_FILE = "/run/nvidia/validations/driver-ready"
 POLL_SECONDS = 5.0
+NVML_LIBRARY = "libnvidia-ml.so.1"
+# Where a driver root (a distribution's file system) keeps its libraries and tools.
+LIB_DIRS = (
+    "usr/lib64",
+    "usr/lib/x86_64-linux-gnu",
+    "usr/lib/aarch64-linux-gnu",
+    "lib64",
+    "lib/x86_64-linux-gnu",
+    "lib/aarch64-linux-gnu",
+    "usr/lib",
+)
+BIN_DIRS = ("usr/bin", "usr/sbin", "bin", "sbin")
 
 
 @dataclass(frozen=True)
@@ -73,3 +89,33 @@ def waiting_reason(path: str | Path) -> str:
         f"waiting for the NVIDIA driver: {path} does not exist yet (the GPU Operator's validator "
         "writes it once the driver is loaded); no GPU is read or changed before"
     )
+
+
+def find_in_root(root: str | Path, dirs: tuple[str, ...], name: str) -> Path | None:
+    """`name` in the first of `dirs` under `root` that has it."""
+    for directory in dirs:
+        candidate = Path(root) / directory / name
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def load_nvml(driver_root: str | Path) -> str:
+    """Make the driver's NVML library loadable before the first NVML call: the one the NVIDIA
+    container runtime put in the container, else the one in the driver's root (mounted into the
+    container). It is loaded by full path, so pynvml's load by name finds it already loaded (only
+    that library: the driver root's other libraries are another distribution's). Says which."""
+    try:
+        ctypes.CDLL(NVML_LIBRARY)
+        return f"{NVML_LIBRARY} from the container"
+    except OSError:
+        pass
+    found = find_in_root(driver_root, LIB_DIRS, NVML_LIBRARY)
+    if found is None:
+        return f"no {NVML_LIBRARY} in the container or under {driver_root}"
+    try:
+        ctypes.CDLL(str(found), mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        return f"{found} did not load: {exc}"
+    log.info("NVML from the driver root: %s", found)
+    return str(found)

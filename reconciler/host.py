@@ -10,6 +10,7 @@ record their arguments (tests/reconciler/test_host_*.py): the same `chroot`, the
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST_ROOT = "/host"
 COMMAND_TIMEOUT_SECONDS = 120.0
 REBOOT_GRACE_SECONDS = 600.0
+SYMLINK_HOPS = 40
 # What a failed command's message keeps of its output.
 OUTPUT_CHARS = 400
 
@@ -43,8 +45,30 @@ class HostRoot:
     reboot_grace: float = REBOOT_GRACE_SECONDS
 
     def path(self, host_path: str) -> Path:
-        """Where the host's `host_path` is in this container."""
-        return self.root / host_path.lstrip("/")
+        """Where the host's `host_path` is in this container. Symbolic links are followed inside
+        the host's root, as a command chrooted there sees them (`/var/run` -> `/run` on most
+        hosts): an absolute link target is the host's, not this container's."""
+        parts = [p for p in host_path.split("/") if p]
+        resolved: list[str] = []
+        hops = 0
+        while parts:
+            name = parts.pop(0)
+            if name == ".":
+                continue
+            if name == "..":
+                if resolved:
+                    resolved.pop()
+                continue
+            here = self.root.joinpath(*resolved, name)
+            if here.is_symlink() and hops < SYMLINK_HOPS:
+                hops += 1
+                target = os.readlink(here)
+                if target.startswith("/"):
+                    resolved = []
+                parts = [p for p in target.split("/") if p] + parts
+                continue
+            resolved.append(name)
+        return self.root.joinpath(*resolved)
 
     def exists(self, host_path: str) -> bool:
         return self.path(host_path).exists()

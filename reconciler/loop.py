@@ -50,7 +50,7 @@ from reconciler import change
 from reconciler.cdi import DEFAULT_TOOLKIT_DIR, Cdi, CdiMode
 from reconciler.change import Change, Parts, Progress, ProgressStore
 from reconciler.discovery import HardwarePublisher, Reports
-from reconciler.driver import POLL_SECONDS, DriverInfo, read_driver_ready, waiting_reason
+from reconciler.driver import POLL_SECONDS, DriverInfo, load_nvml, read_driver_ready, waiting_reason
 from reconciler.eviction import Evictor
 from reconciler.gpu_access import GpuAccess, GpuError
 from reconciler.host import DEFAULT_HOST_ROOT, HostRoot
@@ -133,6 +133,9 @@ class Settings:
     gpu_clients_file: str = ""
     gpu_clients_configmap: str = DEFAULT_CLIENTS_CONFIGMAP
     kubelet_service: str = DEFAULT_KUBELET_SERVICE
+    # Where the driver container's root is mounted ("": none): NVML is loaded from there when the
+    # container runtime did not put it in the container.
+    driver_root: str = ""
 
 
 def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
@@ -318,6 +321,8 @@ class Reconciler:
                 said = self._waiting(said, waiting_reason(path), "DriverNotReady")
                 stop.wait(POLL_SECONDS)
                 continue
+            if self.settings.driver_root:
+                log.info("NVML: %s", load_nvml(self.settings.driver_root))
             try:
                 self.access.start()
             except GpuError as exc:

@@ -78,6 +78,13 @@ def register(sub: Any) -> None:
         "default: no wait)",
     )
     host.add_argument(
+        "--driver-root",
+        default="",
+        metavar="DIR",
+        help="the driver container's root, mounted here: NVML is loaded from it when the container "
+        "runtime did not provide it (--gpu-backend nvml)",
+    )
+    host.add_argument(
         "--host-root",
         default=DEFAULT_HOST_ROOT,
         metavar="DIR",
@@ -204,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         api_retry_seconds=args.api_retry_seconds,
         usage_interval=args.usage_interval,
         driver_ready_file=args.driver_ready_file,
+        driver_root=args.driver_root if args.gpu_backend == "nvml" else "",
         host_root=args.host_root,
         host_state_dir=args.host_state_dir or "",
         cdi=CdiMode(args.cdi),

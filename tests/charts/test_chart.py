@@ -22,6 +22,7 @@ from certs.provision import provision
 from certs.rotation import Action
 from certs.secret_store import SecretStore
 from devcluster import binaries
+from devcluster import helpers as cluster
 from devcluster.helpers import service_account_client
 from kube.config_source import ConfigMapRef
 from mig_guard.cli import build_parser
@@ -248,7 +249,7 @@ def test_the_admission_port_admits_the_api_server_only(helm: Run) -> None:
 
 def test_reconciler_runs_on_gpu_nodes_only_and_survives_its_own_taint(helm: Run) -> None:
     spec = one(render(helm), "DaemonSet")["spec"]["template"]["spec"]
-    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["nodeSelector"] == {keys.LABEL_MIG_CAPABLE: "true"}  # as the operator's mig-manager
     assert {"key": keys.TAINT_KEY, "operator": "Exists"} in spec["tolerations"]
     container = spec["containers"][0]
     assert "--node-name=$(NODE_NAME)" in container["args"]
@@ -261,6 +262,66 @@ def test_reconciler_runs_on_gpu_nodes_only_and_survives_its_own_taint(helm: Run)
     assert volumes["host-state"]["hostPath"]["type"] == "DirectoryOrCreate"
     assert container["securityContext"]["privileged"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_reconciler_runs_nvml_as_the_gpu_operators_mig_manager_does(helm: Run) -> None:
+    spec = one(render(helm), "DaemonSet")["spec"]["template"]["spec"]
+    assert spec["runtimeClassName"] == "nvidia"  # the operator's: the NVML library and nvidia-smi
+    container = spec["containers"][0]
+    args = container["args"]
+    for arg in (
+        "--driver-ready-file=/host/run/nvidia/validations/driver-ready",
+        "--driver-root=/driver-root",
+        "--host-root=/host",
+        "--cdi=auto",
+        "--host-gpu-clients=auto",
+        "--operands-namespace=auto",
+    ):
+        assert arg in args
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v["hostPath"] for v in spec["volumes"] if "hostPath" in v}
+    assert (mounts["host-root"]["mountPath"], mounts["host-root"]["readOnly"]) == ("/host", True)
+    assert mounts["host-root"]["mountPropagation"] == "HostToContainer"
+    assert volumes["host-root"] == {"path": "/", "type": "Directory"}
+    assert mounts["driver-root"]["mountPath"] == "/driver-root"
+    assert volumes["driver-root"] == {"path": "/run/nvidia/driver", "type": "DirectoryOrCreate"}
+    # Without the GPU Operator: the node's default runtime, no driver marker to wait for.
+    other = one(
+        render(helm, "--set=reconciler.runtimeClassName=", "--set=reconciler.driver.readyFile="), "DaemonSet"
+    )["spec"]["template"]["spec"]
+    assert "runtimeClassName" not in other
+    assert not [a for a in other["containers"][0]["args"] if a.startswith("--driver-ready-file")]
+
+
+def test_the_reconciler_may_delete_pods_only_in_the_gpu_operators_namespace(helm: Run) -> None:
+    docs = render(helm)
+    role = one(docs, "Role", "-reconciler-gpu-operator")
+    assert role["metadata"]["namespace"] == "gpu-operator"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["default-gpu-clients"],
+            "verbs": ["get"],
+        },
+    ]
+    binding = one(docs, "RoleBinding", "-reconciler-gpu-operator")
+    assert binding["metadata"]["namespace"] == "gpu-operator"
+    for doc in by_kind(docs, "ClusterRole"):
+        for rule in doc["rules"]:
+            assert "delete" not in rule["verbs"] or rule["resources"] != ["pods"], doc["metadata"]["name"]
+    openshift = render(helm, "--set=reconciler.operandsNamespace=nvidia-gpu-operator")
+    assert (
+        one(openshift, "Role", "-reconciler-gpu-operator")["metadata"]["namespace"] == "nvidia-gpu-operator"
+    )
+    args = one(openshift, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--operands-namespace=nvidia-gpu-operator" in args
+    assert not [
+        d
+        for d in render(helm, "--set=reconciler.operatorRbac=false")
+        if d["metadata"]["name"].endswith("-gpu-operator")
+    ]
 
 
 def test_webhook_configurations_are_shaped_as_the_values_say(helm: Run) -> None:
@@ -402,6 +463,7 @@ def test_rendered_manifests_pass_the_api_servers_own_validation(
     helm: Run, kubectl: Run, variant: str
 ) -> None:
     ensure_namespace(kubectl, "mig-guard-dry")
+    ensure_namespace(kubectl, keys.GPU_OPERATOR_NAMESPACE)  # the operator's, where its Role goes
     result = helm("template", "dry", str(CHART), "--namespace", "mig-guard-dry", *VARIANTS[variant])
     assert result.returncode == 0, result.stderr
     applied = apply_dry_run(kubectl, result.stdout)
@@ -428,6 +490,7 @@ def release(helm: Run, control_plane: Any, kubeconfig: Path) -> Iterator[str]:
     """The chart installed (hooks skipped: no kubelet runs the Jobs here) and removed afterwards, so
     its failurePolicy=Fail webhooks never outlive this module."""
     name = "mg-" + uuid.uuid4().hex[:6]
+    cluster.ensure_namespace(control_plane.api, keys.GPU_OPERATOR_NAMESPACE)  # its Role goes there
     installed = helm(
         "install", name, str(CHART), "--namespace", NAMESPACE, "--create-namespace", "--no-hooks",
         kubeconfig=kubeconfig, timeout=180,

@@ -367,7 +367,8 @@ def gpu_node(workload_plane: Any, tmp_path: Path) -> Generator[Callable[..., Gpu
             k8s.AppsV1Api(workload_plane.api).create_namespaced_daemon_set(
                 namespace,
                 {
-                    "metadata": {"name": "device-plugin"},
+                    # Labelled as the GPU Operator labels its DaemonSets (how its namespace is found).
+                    "metadata": {"name": "device-plugin", "labels": {"app": DP_APP}},
                     "spec": {
                         "selector": {"matchLabels": {"app": DP_APP}},
                         "template": {

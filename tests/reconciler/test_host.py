@@ -12,7 +12,7 @@ import pytest
 
 from devcluster.hostroot import HostRootFixture
 from reconciler.cdi import MANAGEMENT_SPEC, Cdi, CdiError, CdiMode
-from reconciler.driver import DriverInfo, parse_driver_ready, read_driver_ready
+from reconciler.driver import LIB_DIRS, DriverInfo, find_in_root, parse_driver_ready, read_driver_ready
 from reconciler.host import HostCommandError, HostRoot
 from reconciler.host_clients import (
     FileClients,
@@ -65,7 +65,24 @@ def test_no_marker_means_the_driver_is_not_ready(tmp_path: Path) -> None:
     assert read_driver_ready(tmp_path / "driver-ready") == HOST_DRIVER
 
 
+def test_the_nvml_library_is_found_in_a_driver_root(tmp_path: Path) -> None:
+    assert find_in_root(tmp_path, LIB_DIRS, "libnvidia-ml.so.1") is None
+    lib = tmp_path / "usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1"
+    lib.parent.mkdir(parents=True)
+    lib.touch()
+    assert find_in_root(tmp_path, LIB_DIRS, "libnvidia-ml.so.1") == lib
+
+
 # --- running a command on the host ----------------------------------------------------------------
+
+
+def test_host_paths_follow_the_hosts_own_links(host: HostRootFixture) -> None:
+    root = HostRoot(host.root)
+    # /var/run -> /run is an absolute link: the host's /run, not this machine's.
+    assert root.path("/var/run/cdi/x.yaml") == host.root / "run/cdi/x.yaml"
+    assert root.path("/usr/../var/./run") == host.root / "run"
+    (host.root / "loop").symlink_to("/loop")
+    assert root.path("/loop/x").is_relative_to(host.root)  # a link loop stays inside the root
 
 
 def test_a_host_command_runs_chrooted_and_a_failure_names_it_and_its_output(host: HostRootFixture) -> None:
