@@ -28,5 +28,10 @@ RULES: Final[tuple[dict[str, Any], ...]] = (
 # clients list read by name.
 OPERATOR_RULES: Final[tuple[dict[str, Any], ...]] = (
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [DEFAULT_CLIENTS_CONFIGMAP], "verbs": ["get"]},
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": [DEFAULT_CLIENTS_CONFIGMAP],
+        "verbs": ["get"],
+    },
 )
