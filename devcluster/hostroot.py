@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-LOG = "var/log/stand-ins.log"
+LOG = "run/stand-ins/calls.log"
 FAIL_DIR = "etc/stand-ins/fail"
 BLOCK_DIR = "etc/stand-ins/block"
 UNITS_DIR = "run/stand-ins/units"
@@ -112,6 +112,7 @@ class HostRootFixture:
 
     root: Path
     driver: Path | None = None  # a driver container's root inside it (its own chroot), if any
+    run_mounted: bool = False
 
     @staticmethod
     def build(
@@ -120,16 +121,24 @@ class HostRootFixture:
         units: Mapping[str, bool] = {},
         driver_root: str = "/",
         cdi_spec: bool = True,
+        run_mount: bool = False,
     ) -> HostRootFixture:
         """A host with the given systemd units (True: running), the toolkit where the GPU Operator
         installs it, `nvidia-smi` in the driver root (`/`: a host driver; another path: a driver
         container's root, itself a chroot-able directory) and, with `cdi_spec`, the toolkit's CDI
-        spec (so `--cdi auto` finds CDI in use)."""
+        spec (so `--cdi auto` finds CDI in use). With `run_mount`, `/run` is a tmpfs of its own, as
+        on a host: it stays writable under a read-only mount of the root (the chart's `/host`);
+        `close()` unmounts it."""
         root.mkdir(parents=True, exist_ok=True)
         install_tools(root)
         fixture = HostRootFixture(root)
-        for directory in (FAIL_DIR, BLOCK_DIR, UNITS_DIR, "var/log", "run/cdi", "dev", "tmp"):
+        if run_mount:
+            (root / "run").mkdir(exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(root / "run")], check=True)
+            fixture.run_mounted = True
+        for directory in (FAIL_DIR, BLOCK_DIR, UNITS_DIR, "run/cdi", "dev", "tmp"):
             (root / directory).mkdir(parents=True, exist_ok=True)
+        (root / "var").mkdir(exist_ok=True)
         if not (root / "var/run").is_symlink():
             os.symlink("/run", root / "var/run")  # as on most hosts: an absolute link, the host's
         (root / LOG).touch()
@@ -140,7 +149,7 @@ class HostRootFixture:
         if driver != root:
             fixture.driver = driver
             install_tools(driver)
-            for directory in (FAIL_DIR, BLOCK_DIR, "var/log"):
+            for directory in (FAIL_DIR, BLOCK_DIR, str(Path(LOG).parent)):
                 (driver / directory).mkdir(parents=True, exist_ok=True)
             os.link(root / LOG, driver / LOG)  # one log, one order, for every stand-in
         fixture.script(f"{driver_root.strip('/')}/usr/bin/nvidia-smi".lstrip("/"), "nvidia-smi", _NVIDIA_SMI)
@@ -149,6 +158,12 @@ class HostRootFixture:
         for unit, running in units.items():
             fixture.set_unit(unit, running)
         return fixture
+
+    def close(self) -> None:
+        """Unmount what `build` mounted."""
+        if self.run_mounted:
+            subprocess.run(["umount", "--lazy", str(self.root / "run")], check=True)
+            self.run_mounted = False
 
     def script(self, path: str, name: str, body: str) -> None:
         target = self.root / path

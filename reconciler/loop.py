@@ -35,6 +35,7 @@ from kubernetes import client as k8s
 from kube.client import RetryPolicy, retrying
 from kube.config_source import ConfigSource
 from kube.errors import API_ERRORS, describe
+from kube.node import NodeView
 from kube.watching import follow
 from migcore import keys
 from migcore.catalog import Catalog, load_catalog
@@ -136,6 +137,8 @@ class Settings:
     # Where the driver container's root is mounted ("": none): NVML is loaded from there when the
     # container runtime did not put it in the container.
     driver_root: str = ""
+    # The layout given to a MIG-capable node without nvidia.com/mig.config ("": none).
+    default_config: str = ""
 
 
 def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
@@ -455,6 +458,8 @@ class Reconciler:
             annotations.pop(keys.ANNOTATION_REASON, None)
         parts = self.parts()
         if not name:
+            if progress is None and self._give_default(report, labels):
+                return  # the label's watch wakes the loop to apply it
             self._no_layout(parts, progress, labels, annotations)
             return
         try:
@@ -508,6 +513,36 @@ class Reconciler:
             self.wake(Wake.LABEL)
         if outcome.api_failure is not None:
             raise outcome.api_failure
+
+    def _give_default(self, report: NodeGpus, labels: Mapping[str, str]) -> bool:
+        """With a default layout configured, label a MIG-capable node that has no layout with it
+        (as the GPU Operator labels such nodes all-disabled); True when the label was set."""
+        default = self.settings.default_config
+        if not default or keys.LABEL_MIG_CONFIG in labels or not any(g.mig_capable for g in report.gpus):
+            return False
+        try:
+            known = default in self.source.load().configs
+        except ConfigError:
+            return False  # judged (and reported) once the label is there; without it, nothing to do
+        if not known:
+            log.warning(
+                "the default layout %s is not a config of %s: not set", default, self.source.describe()
+            )
+            return False
+
+        def give(node: NodeView) -> NodeEdit:
+            absent = keys.LABEL_MIG_CONFIG not in node.labels
+            return NodeEdit(labels={keys.LABEL_MIG_CONFIG: default}) if absent else NodeEdit()
+
+        if not self.node.apply(give).labels:
+            return False
+        self.node.event(
+            "Normal",
+            "DefaultLayout",
+            f"{keys.LABEL_MIG_CONFIG}={default} set: the node's GPUs are MIG-capable and it had no layout "
+            "(--default-mig-config)",
+        )
+        return True
 
     def _no_layout(
         self,

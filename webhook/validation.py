@@ -9,7 +9,7 @@
 5. protected keys (`keys.is_protected_key`) change only by the reconciler's identities,
    except exactly what the mutating webhook sets for an accepted change in the same request;
 6. a reconciler identity writes only the node its token is bound to, and never the layout
-   (`webhook.writers`);
+   (`webhook.writers`), except the configured default layout on a node without one;
 7. anything else is allowed.
 The layout is judged against the GPUs (and the MIG strategy) as they were before the request: GPU
 Feature Discovery labels changed (or removed) in the same request do not count.
@@ -94,10 +94,15 @@ class NodeRules:
     """Judges Node CREATE/UPDATE requests against the config in use."""
 
     def __init__(
-        self, hardware: HardwareResolver, reconciler_users: Collection[str], *, allow_unbound: bool = False
+        self,
+        hardware: HardwareResolver,
+        reconciler_users: Collection[str],
+        *,
+        allow_unbound: bool = False,
+        default_config: str = "",
     ) -> None:
         self._hardware = hardware
-        self.reconcilers = ReconcilerIdentities(reconciler_users, allow_unbound)
+        self.reconcilers = ReconcilerIdentities(reconciler_users, allow_unbound, default_config)
         self._verdicts: LruCache[tuple[object, ...], Verdict] = LruCache(VERDICT_CACHE_SIZE)
 
     def config_verdict(self, change: NodeChange, config: ConfigView) -> Verdict:
@@ -216,7 +221,10 @@ class NodeRules:
         """The verdict on a Node CREATE or UPDATE by `username`, whose credential is bound to the node
         `bound_node` (a pod-bound ServiceAccount token; None when not bound)."""
         if username in self.reconcilers:
-            return self.reconcilers.verdict(username, bound_node, change.node_name, change.layout_touched)
+            layout = change.layout_touched and not self.reconcilers.defaults(
+                change.old.labels.get(keys.LABEL_MIG_CONFIG), change.new.labels.get(keys.LABEL_MIG_CONFIG)
+            )
+            return self.reconcilers.verdict(username, bound_node, change.node_name, layout)
         verdict = self.config_verdict(change, config)
         spoofed = self.spoofed_keys(change, username, verdict.allowed)
         if spoofed:

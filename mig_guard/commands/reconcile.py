@@ -69,6 +69,13 @@ def register(sub: Any) -> None:
         help=f"namespace of the GPU Operator's operands and validators (default {AUTO_NAMESPACE}: where the "
         f"operator's DaemonSets are, else {keys.GPU_OPERATOR_NAMESPACE})",
     )
+    parser.add_argument(
+        "--default-mig-config",
+        default="",
+        metavar="NAME",
+        help="give a MIG-capable node without nvidia.com/mig.config this layout (as the GPU Operator "
+        "labels such nodes all-disabled; the webhook needs the same flag; default: none)",
+    )
     host = parser.add_argument_group("the host and the GPU Operator's node components")
     host.add_argument(
         "--driver-ready-file",
@@ -220,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
         gpu_clients_file=args.gpu_clients_file or "",
         gpu_clients_configmap=args.gpu_clients_configmap,
         kubelet_service=args.kubelet_service,
+        default_config=args.default_mig_config,
     )
     metrics = Metrics()
     store: ProgressStore = (

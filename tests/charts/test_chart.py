@@ -51,6 +51,7 @@ VARIANTS: dict[str, list[str]] = {
         "--set=certs.rsaBits=3072",
         "--set=certs.renewal.enabled=false",
         "--set=reconciler.privileged=false",
+        "--set=reconciler.defaultMigConfig=all-disabled",
         "--set=reconciler.rebootEnabled=true",
     ],
     "simulated-gpus": [
@@ -366,18 +367,29 @@ def test_the_charts_cel_is_generated_from_the_code() -> None:
     assert CEL_TEMPLATE.read_text() == render_chart_cel.render(), "run python tools/render_chart_cel.py"
 
 
-@pytest.mark.parametrize("allow_unbound", [False, True])
-def test_the_node_writers_policy_is_the_canonical_one(helm: Run, allow_unbound: bool) -> None:
+@pytest.mark.parametrize(("allow_unbound", "default"), [(False, ""), (True, ""), (False, "all-disabled")])
+def test_the_node_writers_policy_is_the_canonical_one(helm: Run, allow_unbound: bool, default: str) -> None:
     """The API server evaluates the chart's policy; the e2e tests prove webhook/node_policy.py's."""
-    docs = render(helm, f"--set=reconciler.allowUnboundTokens={str(allow_unbound).lower()}")
+    docs = render(
+        helm,
+        f"--set=reconciler.allowUnboundTokens={str(allow_unbound).lower()}",
+        f"--set=reconciler.defaultMigConfig={default}",
+    )
     policy = one(docs, "ValidatingAdmissionPolicy")
     user = "system:serviceaccount:mig-guard:mg-mig-guard-reconciler"
-    reference = node_policy.node_writers_policy("x", [user], allow_unbound)
+    reference = node_policy.node_writers_policy("x", [user], allow_unbound, default)
     assert policy["spec"] == reference["spec"]
     binding = one(docs, "ValidatingAdmissionPolicyBinding")
     assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert ("--allow-unbound-reconciler-tokens" in args) is allow_unbound
+    # The webhook and the reconciler take the same default (the reconciler sets it, the webhook allows it).
+    reconciler = one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    for component in (args, reconciler):
+        assert (
+            [a for a in component if a.startswith("--default-mig-config")]
+            == [f"--default-mig-config={default}"]
+        ) is bool(default)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

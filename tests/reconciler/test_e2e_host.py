@@ -228,3 +228,24 @@ def test_the_single_mig_strategy_refuses_a_layout_of_several_profiles(gpu_node: 
     assert reason.startswith("config gpu1-7g cannot be applied on this node: nvidia.com/mig.strategy=single")
     assert "(3g.20gb, 7g.40gb)" in reason and "-MIG-INVALID" in reason
     assert node.geometries() == before and not node.held()
+
+
+def test_a_default_layout_is_given_to_an_unlabelled_mig_capable_node_when_asked(
+    gpu_node: GpuNodeFactory,
+) -> None:
+    node = gpu_node(gpus=2, initial=None)  # MIG-capable GPUs, no layout label
+    node.start_agent("--cdi=off", "--default-mig-config=all-disabled")
+    node.wait_outcome("success", "all-disabled applied")
+    assert node.read().metadata.labels[keys.LABEL_MIG_CONFIG] == "all-disabled"
+    events = node.core.list_namespaced_event(
+        "default", field_selector=f"involvedObject.name={node.name},reason=DefaultLayout"
+    )
+    assert [e.message for e in events.items] == [
+        f"{keys.LABEL_MIG_CONFIG}=all-disabled set: the node's GPUs are MIG-capable and it had no layout "
+        "(--default-mig-config)"
+    ]
+    # Without the flag (the default), an unlabelled node is left alone.
+    other = gpu_node(gpus=2, initial=None)
+    other.start_agent("--cdi=off")
+    wait_until(lambda: keys.ANNOTATION_GPUS in (other.read().metadata.annotations or {}), 60, what="report")
+    assert keys.LABEL_MIG_CONFIG not in other.read().metadata.labels

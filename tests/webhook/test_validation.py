@@ -336,3 +336,17 @@ def test_the_mixed_strategy_takes_any_layout_and_the_strategy_is_the_one_before_
     assert not rules.judge(
         change(labelled(None, **single), labelled("all-balanced", **mixed)), "admin", config_view
     ).allowed
+
+
+def test_with_a_default_layout_a_reconciler_may_set_only_that_and_only_where_there_is_none(
+    resolver: HardwareResolver, config_view: ConfigView
+) -> None:
+    rules = NodeRules(resolver, [RECONCILER], allow_unbound=True, default_config="all-disabled")
+    assert rules.judge(change(labelled(None), labelled("all-disabled")), RECONCILER, config_view).allowed
+    for old, new in ((None, "all-1g.5gb"), ("all-1g.5gb", "all-disabled"), ("all-disabled", None)):
+        verdict = rules.judge(change(labelled(old), labelled(new)), RECONCILER, config_view)
+        assert not verdict.allowed and f"may not change {keys.LABEL_MIG_CONFIG}" in verdict.message
+    without = NodeRules(resolver, [RECONCILER], allow_unbound=True)
+    assert not without.judge(
+        change(labelled(None), labelled("all-disabled")), RECONCILER, config_view
+    ).allowed
