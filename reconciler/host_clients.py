@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from kubernetes import client as k8s
 
-from kube.errors import is_not_found
+from kube.errors import API_ERRORS, describe, is_not_found
 from reconciler.driver import DriverInfo
 from reconciler.host import HostCommandError, HostRoot
 
@@ -95,12 +95,18 @@ class ConfigMapClients:
     name: str = DEFAULT_CLIENTS_CONFIGMAP
 
     def text(self) -> str | None:
+        """The list (None: no such ConfigMap). Raises HostClientsError when it cannot be read: no
+        host service is stopped on a guess, and the change does not go ahead with them running."""
         try:
             cm = k8s.CoreV1Api(self.api).read_namespaced_config_map(self.name, self.namespace())
-        except k8s.ApiException as exc:
+        except API_ERRORS as exc:
             if is_not_found(exc):
                 return None
-            raise
+            raise HostClientsError(
+                f"could not read the host GPU clients list ({self.describe()}): {describe(exc)}; the chart's "
+                "Role in the operands' namespace grants it (reconciler.operatorRbac), or set "
+                "reconciler.hostGpuClients.mode=off"
+            ) from exc
         return str((cm.data or {}).get(CLIENTS_KEY, ""))
 
     def describe(self) -> str:

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
+from devcluster.helpers import service_account_kubeconfig
 from devcluster.hostroot import HostRootFixture
 from devcluster.processes import wait_until
 from migcore import keys
-from reconciler.rbac import OPERATOR_RULES
+from reconciler.rbac import OPERATOR_RULES, RULES
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root (CI runs as root)")
 
@@ -128,8 +129,12 @@ def test_a_change_on_a_gpu_operator_node_with_a_host_driver(
     agent(node, host, reconciler_kubeconfig)
     wait_until(lambda: "waiting for the NVIDIA driver" in node.state()[1], 60, what="the driver wait said")
     assert f"{host.root / READY} does not exist yet" in node.state()[1]
-    condition = [c for c in node.read().status.conditions or [] if c.type == keys.CONDITION_READY]
-    assert condition and (condition[0].status, condition[0].reason) == ("False", "DriverNotReady")
+
+    def condition() -> tuple[str, str] | None:
+        found = [c for c in node.read().status.conditions or [] if c.type == keys.CONDITION_READY]
+        return (found[0].status, found[0].reason) if found else None
+
+    wait_until(lambda: condition() == ("False", "DriverNotReady"), 30, what="the DriverNotReady condition")
     assert host.calls() == [] and not node.geometries()[0].mig_pending  # nothing read or done yet
     mark_driver_ready(host)
     node.wait_outcome("success", "all-3g applied")
@@ -249,3 +254,25 @@ def test_a_default_layout_is_given_to_an_unlabelled_mig_capable_node_when_asked(
     other.start_agent("--cdi=off")
     wait_until(lambda: keys.ANNOTATION_GPUS in (other.read().metadata.annotations or {}), 60, what="report")
     assert keys.LABEL_MIG_CONFIG not in other.read().metadata.labels
+
+
+def test_a_clients_list_it_may_not_read_fails_the_change_before_any_gpu_changes(
+    gpu_node: GpuNodeFactory, workload_plane: Any, tmp_path: Path
+) -> None:
+    node = gpu_node(gpus=2, initial="all-3g")
+    # The agent's rules without any ConfigMap access (it reads its config from a file here), and no
+    # Role in the operands' namespace: the clients list is not readable.
+    rules = [r for r in RULES if "configmaps" not in r["resources"]]
+    kubeconfig = service_account_kubeconfig(workload_plane.api, tmp_path / "no-cm.kubeconfig", "no-cm", rules)
+    host = HostRootFixture.build(tmp_path / "host", units={DCGM: True})
+    mark_driver_ready(host)
+    agent(node, host, kubeconfig, f"--operands-namespace={node.namespace}")
+    node.wait_outcome("success", "all-3g applied")
+    before = node.geometries()
+    since = node.label("gpu1-7g")
+    reason = node.wait_outcome("failed", "gpu1-7g not applied", since=since)
+    assert (
+        f"could not read the host GPU clients list (ConfigMap {node.namespace}/default-gpu-clients)" in reason
+    )
+    assert "403" in reason and "reconciler.operatorRbac" in reason
+    assert node.geometries() == before and host.running(DCGM) and not node.held()
