@@ -21,7 +21,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LOG = "run/stand-ins/calls.log"
@@ -112,7 +112,7 @@ class HostRootFixture:
 
     root: Path
     driver: Path | None = None  # a driver container's root inside it (its own chroot), if any
-    run_mounted: bool = False
+    mounted: list[Path] = field(default_factory=list)  # mounts `build` made, innermost last
 
     @staticmethod
     def build(
@@ -121,21 +121,23 @@ class HostRootFixture:
         units: Mapping[str, bool] = {},
         driver_root: str = "/",
         cdi_spec: bool = True,
-        run_mount: bool = False,
+        host_mounts: bool = False,
     ) -> HostRootFixture:
         """A host with the given systemd units (True: running), the toolkit where the GPU Operator
         installs it, `nvidia-smi` in the driver root (`/`: a host driver; another path: a driver
         container's root, itself a chroot-able directory) and, with `cdi_spec`, the toolkit's CDI
-        spec (so `--cdi auto` finds CDI in use). With `run_mount`, `/run` is a tmpfs of its own, as
-        on a host: it stays writable under a read-only mount of the root (the chart's `/host`);
-        `close()` unmounts it."""
+        spec (so `--cdi auto` finds CDI in use). With `host_mounts`, mounted as a host is, for a pod
+        that mounts it: the root a shared mount (a `HostToContainer` mount of it needs one), `/run`
+        a tmpfs of its own (writable under a read-only mount of the root, the chart's `/host`).
+        `close()` unmounts them."""
         root.mkdir(parents=True, exist_ok=True)
         install_tools(root)
         fixture = HostRootFixture(root)
-        if run_mount:
+        if host_mounts:
+            fixture._mount(["--bind", str(root), str(root)], root)
+            subprocess.run(["mount", "--make-rshared", str(root)], check=True)
             (root / "run").mkdir(exist_ok=True)
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(root / "run")], check=True)
-            fixture.run_mounted = True
+            fixture._mount(["-t", "tmpfs", "-o", "size=16m", "tmpfs", str(root / "run")], root / "run")
         for directory in (FAIL_DIR, BLOCK_DIR, UNITS_DIR, "run/cdi", "dev", "tmp"):
             (root / directory).mkdir(parents=True, exist_ok=True)
         (root / "var").mkdir(exist_ok=True)
@@ -159,11 +161,14 @@ class HostRootFixture:
             fixture.set_unit(unit, running)
         return fixture
 
+    def _mount(self, args: list[str], target: Path) -> None:
+        subprocess.run(["mount", *args], check=True)
+        self.mounted.append(target)
+
     def close(self) -> None:
         """Unmount what `build` mounted."""
-        if self.run_mounted:
-            subprocess.run(["umount", "--lazy", str(self.root / "run")], check=True)
-            self.run_mounted = False
+        while self.mounted:
+            subprocess.run(["umount", "--lazy", str(self.mounted.pop())], check=True)
 
     def script(self, path: str, name: str, body: str) -> None:
         target = self.root / path

@@ -147,7 +147,7 @@ class Release:
             "--set=reconciler.extraArgs={--eviction-timeout=15}",
             f"--set-file=migPartedConfig.config={config}",
             f"--set=reconciler.hostRoot={self.host.root}",
-            f"--set=reconciler.driver.root={self.workdir / 'driver-root'}",
+            f"--set=reconciler.driver.root={self.host.file('/run/nvidia/driver')}",
         ]
 
     # --- the node ---------------------------------------------------------------------------------
@@ -230,10 +230,12 @@ def release(
     real_node: RealNode, mig_guard_image: ImageArchive, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Release]:
     workdir = tmp_path_factory.mktemp("release")
-    # /run a mount of its own, as on a host: writable under the pod's read-only /host.
+    # Mounted as a host is: a shared root (for the pod's HostToContainer mounts), /run a tmpfs of
+    # its own (writable under the pod's read-only /host); the driver root inside it.
     host = HostRootFixture.build(
-        workdir / "host", units={DCGM: True, "kubelet.service": True}, run_mount=True
+        workdir / "host", units={DCGM: True, "kubelet.service": True}, host_mounts=True
     )
+    host.file("/run/nvidia/driver").mkdir(parents=True)
     rel = Release(real_node, mig_guard_image, workdir, host)
     rel.core.patch_node(real_node.name, {"metadata": {"labels": gfd_labels(PRODUCT, 2)}})
     # What the GPU Operator has on the cluster: its runtime class (its handler here is runc), its
