@@ -169,12 +169,6 @@ class Release:
     def reconciler_log(self) -> str:
         return self.kubectl("logs", "-n", NAMESPACE, f"ds/{RELEASE}-reconciler", "--tail=40").stdout
 
-    def geometries_or_none(self) -> dict[int, GpuGeometry] | None:
-        """The simulated GPUs, None while the reconciler pod has not created them."""
-        if not (self.host_state / "simulated-gpus.json").exists():
-            return None
-        return self.geometries()
-
     def geometries(self) -> dict[int, GpuGeometry]:
         """The simulated GPUs as the reconciler pod left them (its state file, on the host)."""
         access = GpuAccess(SimulatedNvml(state_file=self.host_state / "simulated-gpus.json"))
@@ -237,7 +231,11 @@ def release(
     )
     host.file("/run/nvidia/driver").mkdir(parents=True)
     rel = Release(real_node, mig_guard_image, workdir, host)
-    rel.core.patch_node(real_node.name, {"metadata": {"labels": gfd_labels(PRODUCT, 2)}})
+    # No hardware report from an earlier module's reconciler: this one's shows when it has used NVML.
+    rel.core.patch_node(
+        real_node.name,
+        {"metadata": {"labels": gfd_labels(PRODUCT, 2), "annotations": {keys.ANNOTATION_GPUS: None}}},
+    )
     # What the GPU Operator has on the cluster: its runtime class (its handler here is runc), its
     # namespace (the chart's Role goes there) and its host GPU clients list.
     k8s.NodeV1Api(rel.api).create_runtime_class({"metadata": {"name": "nvidia"}, "handler": "runc"})
@@ -259,7 +257,8 @@ def release(
         assert installed.returncode == 0, installed.stdout + installed.stderr
         # The reconciler waits for the driver's validation marker before any NVML call, and says so.
         reached = wait_until_reason(rel, "waiting for the NVIDIA driver")
-        rel.notes["driver wait"] = (reached, list(host.calls()), rel.geometries_or_none())
+        annotations = rel.core.read_node(real_node.name).metadata.annotations or {}
+        rel.notes["driver wait"] = (reached, list(host.calls()), annotations.get(keys.ANNOTATION_GPUS))
         marker = host.file("/run/nvidia/validations/driver-ready")
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("IS_HOST_DRIVER=true\nNVIDIA_DRIVER_ROOT=/\nNVIDIA_DEV_ROOT=/\n")
@@ -399,11 +398,11 @@ def _ready_condition(release: Release) -> str | None:
 def test_on_a_gpu_operator_node_the_pod_waits_for_the_driver_then_runs_the_host_steps(
     release: Release,
 ) -> None:
-    # Before the marker: said on the node, no GPU read (the simulated GPUs not even created), no
-    # host command run.
-    reason, calls, gpus = release.notes["driver wait"]
+    # Before the marker: said on the node, no GPU read (no hardware report, which the reconciler
+    # publishes once NVML has started), no host command run.
+    reason, calls, report = release.notes["driver wait"]
     assert "/host/run/nvidia/validations/driver-ready does not exist yet" in reason
-    assert calls == [] and gpus is None
+    assert calls == [] and report is None
     pod = release.core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/component=reconciler")
     assert [p.spec.runtime_class_name for p in pod.items] == ["nvidia"]
     # The change to all-1g.5gb (a MIG mode change) ran in the pod, chrooted into the host root: the
