@@ -196,16 +196,17 @@ def test_with_a_default_layout_a_reconciler_may_give_it_to_its_own_unlabelled_no
         def as_reconciler_on(node: str) -> Any:
             return k8s.CoreV1Api(node_bound_client(webhook.api, NAMESPACE, reconciler_account, node))
 
+        def another_value_refused() -> bool:
+            other = {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-7g.40gb"}}}
+            if _refused(lambda: as_reconciler_on(unlabelled).patch_node(unlabelled, other)):
+                return True
+            # Allowed before the policy was in force: unlabel again, or the next try changes nothing.
+            unlabel = {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: None}}}
+            k8s.CoreV1Api(webhook.api).patch_node(unlabelled, unlabel)
+            return False
+
         # Another value is refused (until the policy is in force, the API server may still allow it).
-        wait_until(
-            lambda: _refused(
-                lambda: as_reconciler_on(unlabelled).patch_node(
-                    unlabelled, {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-7g.40gb"}}}
-                )
-            ),
-            30,
-            what="the default-layout policy in force",
-        )
+        wait_until(another_value_refused, 30, what="the default-layout policy in force")
         message = forbidden(lambda: as_reconciler_on(labelled).patch_node(labelled, give))
         assert f"may not change {keys.LABEL_MIG_CONFIG}" in message  # the admin's layout stays theirs
         as_reconciler_on(unlabelled).patch_node(unlabelled, give)
