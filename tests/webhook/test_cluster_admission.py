@@ -9,7 +9,6 @@ in the same session never reach it; everything is deregistered at teardown.
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
@@ -275,10 +274,9 @@ def test_kubectl_apply_of_the_configmap_prints_the_configs_warnings(
             "--dry-run=server",
         )
         assert denied.returncode != 0
-        # Other tests of the session may have left nodes on that config too: ours is among them.
-        assert re.search(
-            rf"would break \d+ labelled node\(s\): [^\n]*{name} \(all-2g\.10gb removed\)", denied.stderr
-        )
+        # Other tests of the session may have left nodes on that config too (the message names a
+        # few and counts the rest), so only the cause is checked here.
+        assert "would break" in denied.stderr and "(all-2g.10gb removed)" in denied.stderr, denied.stderr
         assert 'Warning: config.yaml: mig-configs.team-a[0].mig-devices."2g.11gb"' in denied.stderr
     finally:
         restored = apply(configs)

@@ -83,6 +83,7 @@ class Tally:
         self.answered_after_stop = 0
         self.closed_between_requests = 0
         self.refused = 0
+        self.reset_at_close = 0
         self.failures: list[str] = []
         self.stopping = threading.Event()
 
@@ -108,6 +109,17 @@ def keep_alive_client(server: WebhookProcess, tally: Tally, name: str, pause: fl
             return
         try:
             sock = context.wrap_socket(raw, server_hostname=server.host)
+        except ConnectionResetError as exc:
+            raw.close()
+            if tally.stopping.is_set():
+                # Reached the listening socket in the instant between the workers' last accept and
+                # its close: the kernel resets what it queued then (no server can avoid that; the
+                # chart's preStop sleep keeps the API server from connecting at that time). Like a
+                # refusal, the client goes elsewhere.
+                tally.add("reset_at_close")
+                return
+            tally.fail(f"{name}: TLS handshake of a new connection failed: {exc!r}")
+            return
         except (OSError, ssl.SSLError) as exc:
             raw.close()
             tally.fail(f"{name}: TLS handshake of a new connection failed: {exc!r}")
@@ -176,7 +188,8 @@ def test_sigterm_answers_every_request_and_closes_kept_alive_connections_cleanly
     assert tally.failures == [], server.logs()
     assert status == 0, server.logs()
     assert tally.answered_after_stop > 0  # requests kept coming during the stop, and were answered
-    assert tally.refused == len(clients)  # in the end each client found the port closed
+    # In the end each client found the port closed (refused, or reset as it closed: see above).
+    assert tally.refused + tally.reset_at_close == len(clients)
 
 
 @pytest.fixture
