@@ -52,6 +52,7 @@ from reconciler.operands import Operands
 from reconciler.ownership import claim_report
 from reconciler.pod_usage import DEFAULT_INTERVAL_SECONDS, UsagePublisher
 from reconciler.progress import NodeProgressStore
+from reconciler.rollout import UNLIMITED, Rollout, RolloutSettings, RolloutSlot
 from reconciler.workloads import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET, WorkloadFinder
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Wake(enum.StrEnum):
     LABEL = "label"  # the layout label changed
     CONFIG = "config"  # the mig-parted config changed
     PODS = "pods"  # a GPU pod came, went or changed: the usage report is refreshed (rate-bounded)
+    SLOT = "slot"  # a rollout slot may have freed for this waiting node
 
     @property
     def fresh_look(self) -> bool:
@@ -102,6 +104,8 @@ class Settings:
     api_timeout_seconds: float = 60.0
     # At most one write of the pods' usage (mig-guard.io/usage) per this many seconds of pod churn.
     usage_interval: float = DEFAULT_INTERVAL_SECONDS
+    # The rollout budget per pool (None: every change starts at once).
+    rollout: RolloutSettings | None = None
 
 
 def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
@@ -155,6 +159,13 @@ class Reconciler:
         self.reboot = reboot or self._default_reboot()
         self.hardware = HardwarePublisher(self.node, self.metrics)
         self.usage = UsagePublisher(self.node, self.finder, self._device_places, settings.usage_interval)
+        self.rollout = (
+            Rollout(
+                self.api, settings.rollout, settings.node_name, lambda: self.wake(Wake.SLOT), self.metrics
+            )
+            if settings.rollout is not None
+            else None
+        )
         self._wakes: queue.Queue[Wake] = queue.Queue()
         # The change that failed last: (config, config digest, GPUs before). It is retried on a
         # fresh look (a resync, a restart), not on every wake (a config edit changes the digest).
@@ -172,8 +183,10 @@ class Reconciler:
 
         return simulated_reboot
 
-    def parts(self) -> Parts:
-        """What a change acts on (built per reconcile: the GPUs and the catalog may be swapped)."""
+    def parts(self, pool: str = "") -> Parts:
+        """What a change acts on (built per reconcile: the GPUs and the catalog may be swapped;
+        the rollout slot is the one of the node's pool, the value of its pool label now)."""
+        slot: RolloutSlot = self.rollout.for_pool(pool) if self.rollout is not None else UNLIMITED
         return Parts(
             node=self.node,
             gpus=self.access,
@@ -184,6 +197,7 @@ class Reconciler:
             metrics=self.metrics,
             report=Reports((self.hardware.report(self.access, self.catalog), self.usage)),
             reboot=self.reboot,
+            slot=slot,
         )
 
     def _device_places(self) -> dict[int, dict[str, DevicePlace]]:
@@ -253,6 +267,8 @@ class Reconciler:
                     log.info("retrying in %.0fs", backoff)
                     backoff = min(backoff * 2, RETRY_MAX_SECONDS)
         finally:
+            if self.rollout is not None:
+                self.rollout.close()
             self.access.stop()
 
     def reconcile_safely(self, why: Collection[Wake]) -> bool:
@@ -334,6 +350,19 @@ class Reconciler:
 
     def reconcile(self, why: Wake | str | Collection[Wake | str]) -> None:
         whys = wakes(why)
+        if self.rollout is None:
+            self._reconcile(whys)
+            return
+        # Whatever this reconcile ends in, except waiting for a slot or a change still holding its
+        # node (a newer layout next, a reboot), this node neither waits nor holds a slot after it.
+        outcome = self._reconcile(whys)
+        if outcome is None or not outcome.waiting:
+            self.rollout.stop_waiting()
+        keeps = outcome is not None and (outcome.newer or outcome.state == keys.STATE_REBOOTING)
+        if not keeps and self.rollout.held is not None and self.store.load() is None:
+            self.rollout.release(self.rollout.held.pool)
+
+    def _reconcile(self, whys: frozenset[Wake]) -> change.Outcome | None:
         progress = self.store.load()
         fresh = any(w.fresh_look for w in whys)
         # The GPUs first: the webhook judges the first label with them (on a fresh look, the
@@ -355,21 +384,24 @@ class Reconciler:
         if progress is None and fresh and claim_report(self.node, node, name):
             labels.pop(keys.LABEL_MIG_STATE, None)  # removed: what follows reports what is true
             annotations.pop(keys.ANNOTATION_REASON, None)
-        parts = self.parts()
+        if self.rollout is not None and progress is None and Wake.START in whys:
+            self.rollout.release_stale()  # a slot left by an agent killed after its change ended
+        pool = labels.get(self.settings.rollout.pool_label, "") if self.settings.rollout is not None else ""
+        parts = self.parts(pool)
         if not name:
             self._no_layout(parts, progress, labels, annotations)
-            return
+            return None
         try:
             config = self.source.load()
         except ConfigError as exc:
             reason = f"cannot use the mig-parted config ({self.source.describe()}): {'; '.join(exc.errors)}"
             self._reject(parts, name, reason, progress=progress, labels=labels, annotations=annotations)
-            return
+            return None
         result = check_config(config, name, hardware_from_report(self.catalog, report))
         if not result.valid:
             reason = f"config {name} cannot be applied on this node: {'; '.join(result.errors)}"
             self._reject(parts, name, reason, progress=progress, labels=labels, annotations=annotations)
-            return
+            return None
         current = self.access.geometries()
         plan = plan_node(current, change.target_layouts(result, current, progress))
         if not plan.changed:
@@ -377,13 +409,13 @@ class Reconciler:
             reason = change.success_reason(name, result)
             if not _already_reported(keys.STATE_SUCCESS, reason, progress, labels, annotations):
                 change.settle(parts, progress, reason)
-            return
+            return None
         attempt = (name, config.digest, _fingerprint(current))
         # An edited config or another label value is another attempt (its key differs); the same
         # attempt again only on a fresh look.
         if progress is None and self._failed == attempt and not fresh:
             log.debug("%s failed on these GPUs already; waiting for a resync or a change", name)
-            return
+            return None
         outcome = Change(
             parts,
             self.settings,
@@ -394,6 +426,8 @@ class Reconciler:
             current=current,
             progress=progress,
         ).run()
+        if outcome.waiting:
+            return outcome
         if outcome.state != keys.STATE_REBOOTING:
             # An API failure is no verdict on the config: the loop retries it soon (below).
             verdict = outcome.state == keys.STATE_FAILED and outcome.api_failure is None
@@ -402,6 +436,7 @@ class Reconciler:
             self.wake(Wake.LABEL)
         if outcome.api_failure is not None:
             raise outcome.api_failure
+        return outcome
 
     def _no_layout(
         self,

@@ -234,7 +234,8 @@ def build_state(settings: WebhookSettings, metrics: WebhookMetrics) -> WebhookSt
     rules = NodeRules(
         hardware, settings.reconciler_users, allow_unbound=settings.allow_unbound_reconciler_tokens
     )
-    handler = AdmissionHandler(rules, settings.hold, guard, impact=ImpactPreview(hardware))
+    hold = settings.hold if settings.admission_hold else None
+    handler = AdmissionHandler(rules, hold, guard, impact=ImpactPreview(hardware))
     return WebhookState(settings, metrics, source, handler)
 
 
