@@ -15,7 +15,7 @@ namespace, each labelled `mig-guard.io/rollout` (its role) and `mig-guard.io/poo
   comparing clocks across nodes.
 - **Failed changes**, `mig-guard-failed-<node>`: a change that failed (a verdict on the layout or
   the node, not an API error) leaves one; `failure_limit` of them in a pool stop new starts in it
-  until a human deletes them (`mig-guard rollout resume`). A later success of that node deletes its
+  until a human deletes them (`mig-guard rollout resume --pool`). A later success of that node deletes its
   own.
 - **The pause switch**, `mig-guard-rollout-pause`: while it exists no node starts a change.
 
@@ -485,7 +485,8 @@ class Rollout:
             return Waiting(
                 "paused",
                 f"waiting: rollouts are paused{by}{': ' + why if why else ''}; resume with "
-                f"`mig-guard rollout resume` or `kubectl -n {self.settings.namespace} delete lease {keys.PAUSE_LEASE}`",
+                f"`mig-guard rollout resume -n {self.settings.namespace}` or "
+                f"`kubectl -n {self.settings.namespace} delete lease {keys.PAUSE_LEASE}`",
             )
         limit = self.settings.failure_limit
         failed = sorted(
@@ -502,7 +503,7 @@ class Rollout:
             return Waiting(
                 "stopped",
                 f"waiting: the rollout in pool {shown} stopped after {len(failed)} failed changes: {names}{more}; "
-                f"resume with `mig-guard rollout resume --pool={pool}` or "
+                f"resume with `mig-guard rollout resume -n {self.settings.namespace} --pool={pool}` or "
                 f"`kubectl -n {self.settings.namespace} delete leases -l {selector}`",
             )
         slots = self._slots(pool)

@@ -174,7 +174,7 @@ def test_failed_changes_stop_the_pool_until_a_human_resumes_it(fleet: Fleet) -> 
     assert waiting.reason.startswith(
         f"waiting: the rollout in pool {POOL} stopped after 2 failed changes: "
         "gpu-0 (all-1g.5gb not applied: gpu-0 broke), gpu-1 (all-1g.5gb not applied: gpu-1 broke); "
-        f"resume with `mig-guard rollout resume --pool={POOL}` or `kubectl -n {fleet.namespace} delete leases "
+        f"resume with `mig-guard rollout resume -n {fleet.namespace} --pool={POOL}` or `kubectl -n {fleet.namespace} delete leases "
         f"-l mig-guard.io/rollout=failed,mig-guard.io/pool={POOL}`"
     )
     assert fleet.node("gpu-9", budget="3", failure_limit=2).take("another-pool") is None
@@ -213,8 +213,8 @@ def test_the_pause_switch_stops_every_pool(fleet: Fleet) -> None:
     waiting = node.take("any-pool")
     assert waiting is not None and waiting.cause == "paused"
     assert waiting.reason == (
-        "waiting: rollouts are paused by alice: change freeze; resume with `mig-guard rollout resume` or "
-        f"`kubectl -n {fleet.namespace} delete lease {keys.PAUSE_LEASE}`"
+        "waiting: rollouts are paused by alice: change freeze; resume with "
+        f"`mig-guard rollout resume -n {fleet.namespace}` or `kubectl -n {fleet.namespace} delete lease {keys.PAUSE_LEASE}`"
     )
     k8s.CoordinationV1Api(fleet.api).delete_namespaced_lease(keys.PAUSE_LEASE, fleet.namespace)
     fleet.wait_woken("gpu-a")
