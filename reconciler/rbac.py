@@ -19,3 +19,14 @@ RULES: Final[tuple[dict[str, Any], ...]] = (
     # The mig-parted config ConfigMap (a namespaced Role suffices when it lives in one namespace).
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]},
 )
+
+# With a rollout budget (reconciler.rollout), in the release namespace only (a Role): slots, failed
+# changes and the pause switch are Leases there. Their names are made per pool and node, so RBAC
+# cannot narrow them by name.
+ROLLOUT_RULES: Final[tuple[dict[str, Any], ...]] = (
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["get", "list", "watch", "create", "update", "delete"],
+    },
+)
