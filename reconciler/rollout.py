@@ -426,8 +426,12 @@ class Rollout:
 
     def _wake_when_free(self) -> None:
         """While this node waits: on every change of the Leases (and when the oldest slot would
-        expire), wake the loop if a start looks possible, after a random delay (checked again
-        after it: another node may have taken the slot meanwhile)."""
+        expire), if a start looks possible, after a random delay (checked again after it: another
+        node may have taken the slot meanwhile), claim the slot here and then wake the loop. The
+        claim is one create (or a 409 for the nodes that lost the race, which learn of the winner
+        through the watch): waking every waiting node's loop instead, each reading its Node and
+        config to find the slot gone, made a rollout cost O(waiting nodes) requests per handover
+        (measured: 14 Node GETs per change with 40 nodes and a budget of 2)."""
         while not self._stopped.is_set():
             pool = self.waiting_for
             if pool is None:
@@ -440,7 +444,18 @@ class Rollout:
                 continue
             if self._stopped.wait(random.uniform(0, self.jitter)):  # noqa: S311 - spreading, not secrecy
                 return
-            if self.waiting_for is not None and self._blocked(pool) is None:
+            with self.lock:
+                if self.waiting_for != pool or self.held is not None or self._blocked(pool) is not None:
+                    continue
+                try:
+                    claimed = self._claim_free(pool)
+                except API_ERRORS as exc:  # the loop takes it from here, and retries
+                    log.warning("could not take a free rollout slot: %s", exc)
+                    claimed = True
+                else:
+                    if claimed:
+                        self._started(pool)
+            if claimed:
                 self.wake()
 
     def _next_expiry(self, pool: str) -> float:
@@ -531,9 +546,14 @@ class Rollout:
     # --- taking, keeping, freeing -----------------------------------------------------------------
 
     def take(self, pool: str) -> Waiting | None:
-        with self.lock:
-            if self.held is not None and self.held.pool == pool and not self.held.lost:
-                return None
+        with self.lock:  # never at the same time as the waker's claim (one slot per node)
+            return self._take(pool)
+
+    def _take(self, pool: str) -> Waiting | None:
+        if self.held is not None and self.held.pool != pool:  # the node moved to another pool
+            self.release(self.held.pool)
+        if self.held is not None and not self.held.lost:  # e.g. claimed by the waker
+            return None
         if not self.view.watching:
             self.view.refresh()
         for _attempt in range(5):

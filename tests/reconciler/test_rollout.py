@@ -112,9 +112,28 @@ def test_a_freed_slot_wakes_the_waiting_node_which_takes_it(fleet: Fleet) -> Non
     assert b.take(POOL) is not None
     a.release(POOL, succeeded=True)
     fleet.wait_woken("gpu-b")
+    # Claimed before the loop is woken: a waiting node that lost the race costs one 409, not a
+    # reconcile that reads its Node and config to find the slot gone.
+    assert fleet.holders() == ["gpu-b"]
     assert b.take(POOL) is None
     assert fleet.holders() == ["gpu-b"]
     assert (gauge(a, "mig_guard_rollout_active"), gauge(b, "mig_guard_rollout_waiting")) == (0, 0)
+
+
+def test_of_many_waiting_nodes_one_takes_a_freed_slot_and_only_it_is_woken(fleet: Fleet) -> None:
+    holder = fleet.node("gpu-a")
+    waiting = [fleet.node(f"gpu-w{i}") for i in range(5)]
+    assert holder.take(POOL) is None
+    assert all(node.take(POOL) is not None for node in waiting)
+    holder.release(POOL, succeeded=True)  # no jitter here: all five race for it at once
+    wait_until(lambda: sum(fleet.woken.values()) > 0, 30, what="a waiting node woken")
+    winners = fleet.holders()
+    assert len(winners) == 1 and winners[0].startswith("gpu-w")
+    others = [node for node in waiting if node.node_name != winners[0]]
+    wait_until(lambda: all(node.view.watching for node in others), 30, what="the losers wait on")
+    assert all(node.take(POOL) is not None for node in others)  # still waiting, the slot is taken
+    assert fleet.woken == {winners[0]: 1}  # the losers' loops were never woken
+    assert fleet.holders() == winners
 
 
 def test_a_holder_that_stops_renewing_loses_its_slot_when_its_lease_expires(fleet: Fleet) -> None:
