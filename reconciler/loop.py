@@ -30,6 +30,7 @@ from kubernetes import client as k8s
 
 from kube.client import RetryPolicy, retrying
 from kube.config_source import ConfigSource
+from kube.errors import API_ERRORS
 from kube.watching import follow
 from migcore import keys
 from migcore.catalog import Catalog, load_catalog
@@ -354,13 +355,25 @@ class Reconciler:
             self._reconcile(whys)
             return
         # Whatever this reconcile ends in, except waiting for a slot or a change still holding its
-        # node (a newer layout next, a reboot), this node neither waits nor holds a slot after it.
-        outcome = self._reconcile(whys)
-        if outcome is None or not outcome.waiting:
-            self.rollout.stop_waiting()
-        keeps = outcome is not None and (outcome.newer or outcome.state == keys.STATE_REBOOTING)
-        if not keeps and self.rollout.held is not None and self.store.load() is None:
-            self.rollout.release(self.rollout.held.pool)
+        # node (a newer layout next, a reboot), this node neither waits nor holds a slot after it;
+        # after an error too (a slot held with no change in flight would be renewed for nothing).
+        outcome: change.Outcome | None = None
+        ended = False
+        try:
+            outcome = self._reconcile(whys)
+            ended = True
+        finally:
+            if ended and (outcome is None or not outcome.waiting):
+                self.rollout.stop_waiting()
+            keeps = outcome is not None and (outcome.newer or outcome.state == keys.STATE_REBOOTING)
+            held = self.rollout.held
+            if not keeps and held is not None:
+                try:
+                    in_flight = self.store.load() is not None
+                except API_ERRORS:
+                    in_flight = True  # cannot tell: keep it (it expires if this agent dies)
+                if not in_flight:
+                    self.rollout.release(held.pool)
 
     def _reconcile(self, whys: frozenset[Wake]) -> change.Outcome | None:
         progress = self.store.load()
