@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import A100, GpuNode
 from kubernetes import client as k8s
 from kubernetes import watch
+from node_harness import A100
 
 from devcluster.helpers import ensure_namespace, service_account_client
 from devcluster.kubeconfig import kubeconfig_dict, write_kubeconfig
@@ -32,6 +32,7 @@ from devcluster.processes import wait_until
 from migcore import keys
 from reconciler.rbac import ROLLOUT_RULES, RULES
 
+GpuNode = Any  # tests/reconciler/conftest.py's GpuNode (a conftest is not imported by name)
 GpuNodeFactory = Callable[..., GpuNode]
 SLOW = "nvmlDeviceCreateGpuInstanceWithPlacement=0.3"  # a change takes a few seconds: they overlap
 
