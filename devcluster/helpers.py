@@ -7,13 +7,14 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes import watch
 from kubernetes.client import ApiException
 
-from devcluster.kubeconfig import token_client
+from devcluster.kubeconfig import kubeconfig_dict, token_client, write_kubeconfig
 from migcore import keys
 from migcore.catalog import Product, UnknownProductError, load_catalog
 
@@ -294,6 +295,15 @@ def service_account_client(
         name, namespace, {"spec": {"expirationSeconds": expiration_seconds}}
     )
     return token_client(api, token.status.token)
+
+
+def service_account_kubeconfig(api: Any, path: Path, name: str, rules: Sequence[Mapping[str, Any]]) -> Path:
+    """A kubeconfig file for ServiceAccount mig-guard/`name`, bound cluster-wide to exactly `rules`."""
+    client = service_account_client(api, "mig-guard", name, rules, cluster_wide=True)
+    cfg = client.configuration
+    token = cfg.api_key["authorization"]
+    ca = Path(cfg.ssl_ca_cert).read_bytes()
+    return write_kubeconfig(path, kubeconfig_dict(cfg.host, ca, user=f"mig-guard-{name}", token=token))
 
 
 def user_client(plane: Any, cn: str, groups: Sequence[str] = ()) -> Any:

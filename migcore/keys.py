@@ -16,6 +16,8 @@ LABEL_MIG_STATE: Final = "nvidia.com/mig.config.state"
 LABEL_GPU_PRODUCT: Final = "nvidia.com/gpu.product"
 LABEL_GPU_COUNT: Final = "nvidia.com/gpu.count"
 LABEL_MIG_CAPABLE: Final = "nvidia.com/mig.capable"
+# The device plugin's MIG strategy (single, mixed, none), from the GPU Operator's mig.strategy.
+LABEL_MIG_STRATEGY: Final = "nvidia.com/mig.strategy"
 
 # GPU Operator operand switches, paused during a change like mig-manager does.
 LABEL_GPU_DEPLOY_PREFIX: Final = "nvidia.com/gpu.deploy."
@@ -23,6 +25,8 @@ PAUSED_FOR_MIG_CHANGE: Final = "paused-for-mig-change"
 
 # The GPU Operator's namespace (its operands, its mig-parted ConfigMap) and that ConfigMap's key.
 GPU_OPERATOR_NAMESPACE: Final = "gpu-operator"
+# The layout the GPU Operator gives an unlabelled MIG-capable node (mig-guard: only when asked).
+DEFAULT_MIG_CONFIG: Final = "all-disabled"
 DEFAULT_MIG_PARTED_CONFIGMAP: Final = "default-mig-parted-config"
 MIG_PARTED_CONFIG_KEY: Final = "config.yaml"
 

@@ -3,28 +3,38 @@ how it ends.
 
 The steps, in order (one method each; the phase is recorded before the step acts):
 
-    take_slot        STARTING              a rollout slot of the node's pool (`reconciler.rollout`),
-                                           or the node waits, not held (`wait`): nothing recorded
-    begin            STARTING -> PAUSING   hold the node, pause the GPU operands, record: one Node write
-    announce                               the plan and the pods it moves, in an Event
-    drain_operands   PAUSING               wait for the paused operands' pods to leave the node
-    evict            EVICTING              evict the pods on what changes (PodDisruptionBudgets respected)
-    refuse_busy_gpus                       refuse GPUs that still run compute processes there
-    apply            APPLYING              apply the plan GPU by GPU, each read back
-    prepare_reboot   REBOOTING             a mode change only a host reboot activates: evict every GPU
-                                           pod, set the other pending modes, record
-    finish                                 operands back, hold lifted, GPUs published, state reported:
-                                           one Node write; then the slot freed (a failure recorded
-                                           against the pool first)
-    reboot                                 the host, once (after `prepare_reboot`), its slot kept
-                                           over the reboot
+    take_slot          STARTING              a rollout slot of the node's pool (`reconciler.rollout`),
+                                             or the node waits, not held (`wait`): nothing recorded
+    begin              STARTING -> PAUSING   hold the node, pause the GPU operands, record: one Node write
+    announce                                 the plan and the pods it moves, in an Event
+    drain_operands     PAUSING               wait for the paused operands' pods to leave the node (a
+                                             warning when the labels name operands that are nowhere);
+                                             delete the operator's CUDA and plugin validator pods
+    evict              EVICTING              evict the pods on what changes (PodDisruptionBudgets respected)
+    stop_host_clients  STOPPING_HOST_CLIENTS the host's GPU clients (systemd units) that run: recorded,
+                                             then stopped (host drivers only, `reconciler.host_clients`)
+    refuse_busy_gpus                         refuse GPUs that still run compute processes there
+    apply              APPLYING              apply the plan GPU by GPU, each read back
+    publish            PUBLISHING            the MIG device nodes and the management CDI spec
+                                             (`reconciler.cdi`), before the operands come back
+    prepare_reboot     REBOOTING             a mode change only a host reboot activates (or, with the
+                                             reboot on, a GPU reset that failed): evict every GPU pod,
+                                             set the other pending modes, record
+    finish                                   the host side of the exit (`close_out`), then operands
+                                             back, hold lifted, GPUs published, state reported: one
+                                             Node write; then the slot freed (a failure recorded
+                                             against the pool first)
+    reboot                                   the host, once per change (after `prepare_reboot`), its
+                                             slot kept over the reboot
 
 What happens in each phase is decided by the phase itself (`Phase.on_failure`, `Phase.on_restart`),
 never by comparing names, so a new step must say it:
 
-- A step that fails, in every phase, rolls back: every GPU that differs from `before` is put back
-  (all of them are tried; one that cannot be is named in the reason with what it holds), then the
-  change finishes as failed. The invariant: every GPU holds its layout from before or the new one,
+- A step that fails, in every phase but PUBLISHING, rolls back: every GPU that differs from
+  `before` is put back (all of them are tried; one that cannot be is named in the reason with what
+  it holds), then the change finishes as failed. In PUBLISHING the GPUs hold the new layout and
+  keep it (`OnFailure.KEEP_LAYOUT`): the change ends failed, saying that containers cannot use
+  the layout yet, and the refresh is owed until the loop's next look succeeds. The invariant: every GPU holds its layout from before or the new one,
   with no MIG mode left pending, and the reason says which. A Kubernetes API error is no verdict on
   the config: the change still rolls back and finishes, and the error goes to the loop, which
   retries soon.
@@ -32,7 +42,10 @@ never by comparing names, so a new step must say it:
   agent comes back: STARTING, PAUSING, EVICTING and APPLYING resume by planning again from the
   GPUs as they are, to the same layout, with the same rollback target and operand values;
   REBOOTING resumes after checking that the reboot activated every mode change (a mode still
-  pending or not activated fails the change, which rolls back). Whatever the phase, a label
+  pending or not activated fails the change, which rolls back). STOPPING_HOST_CLIENTS and
+  PUBLISHING resume the same way: the units recorded as stopped stay in the record (and are
+  started at the end), and GPUs that already hold the layout leave only the exit to do, whose
+  CDI refresh runs because the record says the GPUs were touched. Whatever the phase, a label
   removed or a config no longer usable rolls back instead (`abandon`, `reject`).
 - The rollout slot: taken first, in STARTING, before anything is held or recorded, so a change
   that waits leaves nothing to undo, and a restart there simply asks again. It is renewed while
@@ -43,9 +56,13 @@ never by comparing names, so a new step must say it:
   without a slot. Every phase's restart takes it again first: the agent's own Lease if it still
   stands (a quick restart, a host reboot: REBOOTING stretches it over the reboot), else a free
   slot, waiting held if there is none (its GPUs may be half-way).
+- Every exit (a change finishing, `settle`, `reject`, `abandon`) runs `close_out` before the
+  operands come back: the CDI refresh when the GPUs were touched (or a refresh is owed), the
+  recorded host GPU clients started, the operator validator restarted.
 
 The collaborators (the Node, the GPU operands, the evictor, the GPUs, the workload finder, the
-record's store, the hardware report, the rollout slot) come in through `Parts`, so each step runs without an API
+record's store, the hardware report, the host's CDI and GPU clients, the operator's validators,
+the rollout slot) come in through `Parts`, so each step runs without an API
 server in the unit tests (tests/reconciler/test_change.py).
 """
 
@@ -68,9 +85,12 @@ from migcore.geometry import GpuGeometry
 from migcore.hold import HoldMode
 from migcore.planning import GpuPlan, NodePlan, Operation, desired_geometries
 from migcore.usage import DevicePlace, NodeUsage
+from reconciler.cdi import CdiError, not_usable_yet
 from reconciler.eviction import EvictionError
 from reconciler.gpu_access import GpuAccess, GpuError
 from reconciler.gpu_apply import apply_with_rollback, clear_pending_mode, roll_back
+from reconciler.host import HostCommandError
+from reconciler.host_clients import HostClientsError
 from reconciler.metrics import Metrics
 from reconciler.node_state import NodeEdit, now_rfc3339
 from reconciler.operands import OperandTimeoutError, to_pause
@@ -91,6 +111,7 @@ class OnFailure(enum.Enum):
     """What a step failing in a phase does."""
 
     ROLL_BACK = "every GPU that differs from before the change is put back"
+    KEEP_LAYOUT = "the GPUs keep the new layout; the change ends failed, the step owed to the next look"
 
 
 class OnRestart(enum.Enum):
@@ -116,7 +137,9 @@ class Phase(enum.StrEnum):
     STARTING = ("starting", OnFailure.ROLL_BACK, OnRestart.RESUME)
     PAUSING = ("pausing", OnFailure.ROLL_BACK, OnRestart.RESUME)
     EVICTING = ("evicting", OnFailure.ROLL_BACK, OnRestart.RESUME)
+    STOPPING_HOST_CLIENTS = ("stopping-host-clients", OnFailure.ROLL_BACK, OnRestart.RESUME)
     APPLYING = ("applying", OnFailure.ROLL_BACK, OnRestart.RESUME)
+    PUBLISHING = ("publishing", OnFailure.KEEP_LAYOUT, OnRestart.RESUME)
     REBOOTING = ("rebooting", OnFailure.ROLL_BACK, OnRestart.CHECK_REBOOT)
 
     @staticmethod
@@ -136,8 +159,10 @@ class Phase(enum.StrEnum):
 class Progress:
     """What a change has done so far, persisted before each step (crash safety): the operand
     labels it paused and their exact previous values (restored, not guessed), the GPUs' layouts
-    before the change (the rollback target, even when the GPUs are half-way), and whether a
-    reboot was attempted (at most one per change)."""
+    before the change (the rollback target, even when the GPUs are half-way), whether a
+    reboot was attempted (at most one per change), the host GPU clients it stopped (started again
+    on every exit), whether it deleted the operator's validators (the operator validator is
+    restarted on exit), and whether it touched the GPUs (the CDI refresh is then due on exit)."""
 
     config: str
     config_digest: str
@@ -147,6 +172,9 @@ class Progress:
     step: int = 0
     reboot_attempted: bool = False
     started_at: str = field(default_factory=now_rfc3339)
+    host_clients: list[str] = field(default_factory=list)
+    validators: bool = False
+    gpus_touched: bool = False
 
     def __post_init__(self) -> None:
         self.phase = Phase.parse(self.phase)  # a plain "applying" too
@@ -162,6 +190,9 @@ class Progress:
             "step": self.step,
             "rebootAttempted": self.reboot_attempted,
             "startedAt": self.started_at,
+            "hostClients": list(self.host_clients),
+            "validatorsRemoved": self.validators,
+            "gpusTouched": self.gpus_touched,
         }
 
     def dumps(self) -> str:
@@ -181,6 +212,9 @@ class Progress:
             step=int(raw.get("step", 0)),
             reboot_attempted=bool(raw.get("rebootAttempted", False)),
             started_at=str(raw.get("startedAt", "")),
+            host_clients=[str(u) for u in raw.get("hostClients", [])],
+            validators=bool(raw.get("validatorsRemoved", False)),
+            gpus_touched=bool(raw.get("gpusTouched", False)),
         )
 
 
@@ -236,6 +270,73 @@ class HardwareReport(Protocol):
         ...
 
 
+class CdiDevices(Protocol):
+    """The node's CDI devices (`reconciler.cdi.Cdi`)."""
+
+    def enabled(self) -> bool: ...
+    def owed(self) -> str | None: ...
+
+    def refresh(self) -> None:
+        """Raises CdiError (the refresh then stays owed)."""
+        ...
+
+
+class HostGpuClients(Protocol):
+    """The host's GPU clients (`reconciler.host_clients.HostClients`)."""
+
+    def enabled(self) -> bool: ...
+    def listed(self, mode_change: bool) -> list[str]: ...
+    def running(self, units: Sequence[str]) -> list[str]: ...
+    def stop(self, units: Sequence[str]) -> None: ...
+    def start(self, units: Sequence[str]) -> list[str]: ...
+
+
+class OperatorPods(Protocol):
+    """The GPU Operator's pods besides the paused operands (`reconciler.operands.Operands`)."""
+
+    def remove_validators(self) -> list[str]: ...
+    def restart_validator(self) -> list[str]: ...
+    def missing(self, paused: Mapping[str, str]) -> list[str]: ...
+    def where(self) -> str: ...
+
+
+class NoHost:
+    """No CDI, no host GPU clients, no GPU Operator: the collaborators of a node without them."""
+
+    def enabled(self) -> bool:
+        return False
+
+    def owed(self) -> str | None:
+        return None
+
+    def refresh(self) -> None:
+        return None
+
+    def listed(self, mode_change: bool) -> list[str]:
+        return []
+
+    def running(self, units: Sequence[str]) -> list[str]:
+        return []
+
+    def stop(self, units: Sequence[str]) -> None:
+        return None
+
+    def start(self, units: Sequence[str]) -> list[str]:
+        return []
+
+    def remove_validators(self) -> list[str]:
+        return []
+
+    def restart_validator(self) -> list[str]:
+        return []
+
+    def missing(self, paused: Mapping[str, str]) -> list[str]:
+        return []
+
+    def where(self) -> str:
+        return keys.GPU_OPERATOR_NAMESPACE
+
+
 class ChangeSettings(Protocol):
     hold_mode: HoldMode
     operand_timeout: float
@@ -256,6 +357,9 @@ class Parts:
     metrics: Metrics
     report: HardwareReport
     reboot: Callable[[], None]
+    cdi: CdiDevices = field(default_factory=NoHost)
+    host_clients: HostGpuClients = field(default_factory=NoHost)
+    operator: OperatorPods = field(default_factory=NoHost)
     slot: RolloutSlot = UNLIMITED
 
 
@@ -332,6 +436,34 @@ def restore(gpus: GpuAccess, before: Mapping[int, GpuGeometry]) -> str:
     return join(*done, *failed)
 
 
+def close_out(parts: Parts, progress: Progress | None, layout: str, *, cdi_done: bool = False) -> list[str]:
+    """The host side of every exit, before the operands come back (mig-manager's order): the CDI
+    refresh when the GPUs were touched or a refresh is owed (unless `cdi_done`), the host GPU
+    clients the record says were stopped started again, the operator validator restarted.
+    Returns what went wrong, a sentence each (the state is then failed); `layout` says what the
+    GPUs hold, for the CDI sentence."""
+    problems: list[str] = []
+    touched = progress is not None and progress.gpus_touched
+    if not cdi_done and (touched or parts.cdi.owed() is not None) and parts.cdi.enabled():
+        try:
+            parts.cdi.refresh()
+        except CdiError as exc:
+            problems.append(not_usable_yet(layout, str(exc)))
+    if progress is not None and progress.host_clients:
+        problems += parts.host_clients.start(progress.host_clients)
+    if progress is not None and progress.validators:
+        try:
+            parts.operator.restart_validator()
+        except API_ERRORS as exc:  # the validations re-run late, the layout is fine: a warning
+            log.warning("could not restart the operator validator: %s", describe(exc))
+            parts.node.event(
+                "Warning",
+                "ValidatorNotRestarted",
+                f"the GPU Operator's validator was not restarted after the change: {describe(exc)}",
+            )
+    return problems
+
+
 def release(
     parts: Parts,
     progress: Progress | None,
@@ -339,9 +471,14 @@ def release(
     reason: str,
     *,
     condition_reason: str | None = None,
+    layout: str = "their previous layout",
 ) -> None:
-    """The end of anything that held the node: operands back, hold lifted, record gone, GPUs
-    published, the state reported: one Node write (and the condition, an Event)."""
+    """The end of anything that held the node: the host side (`close_out`), then operands back,
+    hold lifted, record gone, GPUs published, the state reported: one Node write (and the
+    condition, an Event)."""
+    problems = close_out(parts, progress, layout)
+    if problems:
+        state, reason = keys.STATE_FAILED, join(reason, *problems)
     parts.node.apply(
         NodeEdit(
             state=state,
@@ -359,9 +496,10 @@ def release(
         parts.slot.release(succeeded=state == keys.STATE_SUCCESS)
 
 
-def settle(parts: Parts, progress: Progress | None, reason: str) -> None:
-    """The GPUs already hold the layout: say so (and undo anything an interrupted change left)."""
-    release(parts, progress, keys.STATE_SUCCESS, reason)
+def settle(parts: Parts, progress: Progress | None, reason: str, layout: str) -> None:
+    """The GPUs already hold the layout: say so (and finish what an interrupted change left: the
+    exit's host side, an owed CDI refresh)."""
+    release(parts, progress, keys.STATE_SUCCESS, reason, layout=layout)
 
 
 def reject(parts: Parts, hold_mode: HoldMode, name: str, progress: Progress | None, reason: str) -> None:
@@ -438,11 +576,18 @@ class Change:
             # (its own reboot allowed), rolling back to the same GPUs as before the first one.
             self.note = f"{keys.LABEL_MIG_CONFIG} changed from {progress.config} while that change was {progress.phase}"
             progress = Progress(
-                config=name, config_digest=digest, before=progress.before, operands=progress.operands
+                config=name,
+                config_digest=digest,
+                before=progress.before,
+                operands=progress.operands,
+                host_clients=progress.host_clients,
+                validators=progress.validators,
+                gpus_touched=progress.gpus_touched,
             )
         else:  # an interrupted change: keep what it recorded (the original GPUs, the operand values)
             progress.config_digest = digest
         self.progress = progress
+        self._published = False  # the CDI refresh ran as a step (not again on the way out)
 
     def run(self) -> Outcome:
         """Every step in order; whatever fails, the GPUs end as before or as planned (see above)."""
@@ -458,9 +603,22 @@ class Change:
             movers = self.announce()
             self.drain_operands()
             self.evict(movers)
+            self.stop_host_clients()
             self.refuse_busy_gpus()
             outcome = self.apply()
-        except (OperandTimeoutError, EvictionError, BusyGpuError, GpuError, RebootRefusedError) as exc:
+            if outcome.state == keys.STATE_SUCCESS:
+                self.publish()
+        except CdiError as exc:  # PUBLISHING: the GPUs keep the new layout
+            outcome = Outcome(keys.STATE_FAILED, not_usable_yet(self.name, str(exc)))
+        except (
+            OperandTimeoutError,
+            EvictionError,
+            HostClientsError,
+            HostCommandError,
+            BusyGpuError,
+            GpuError,
+            RebootRefusedError,
+        ) as exc:
             outcome = Outcome(keys.STATE_FAILED, f"{self.name} not applied: {exc}")
         except API_ERRORS as exc:
             log.warning("change to %s failed: %s", self.name, exc)
@@ -520,6 +678,7 @@ class Change:
             if not progress.operands:
                 progress.operands = to_pause(dict(node.labels))
             progress.phase = Phase.PAUSING
+            progress.validators = True  # deleted in drain_operands; the exit restarts the validator
             what = f"applying {self.name}: {self.plan.describe()}"
             if progress.operands:
                 what += f"; pausing GPU operands ({describe_operands(progress.operands)})"
@@ -547,13 +706,40 @@ class Change:
         return movers
 
     def drain_operands(self) -> None:
-        """Wait for the paused operands' pods to leave the node."""
+        """Wait for the paused operands' pods to leave the node, then delete the operator's CUDA
+        and plugin validator pods (as mig-manager does). Operands the labels name but whose
+        DaemonSet is not where the operands are looked for get a warning: they may still use the
+        GPUs, unseen."""
         if self.progress.operands:
+            try:
+                missing = self.parts.operator.missing(self.progress.operands)
+            except API_ERRORS as exc:  # only a warning is at stake
+                log.warning("could not look for the GPU Operator's DaemonSets: %s", describe(exc))
+                missing = []
+            if missing:
+                namespace = self.parts.operator.where()
+                note = (
+                    f"{', '.join(f'{k}={self.progress.operands[k]}' for k in missing)} say GPU operands run on "
+                    f"this node, but no GPU Operator DaemonSet for them is in namespace {namespace}: their "
+                    "pods, if any, are not waited for. Give the operands' namespace "
+                    "(--operands-namespace, chart: reconciler.operandsNamespace)"
+                )
+                log.warning("%s", note)
+                self.parts.node.event("Warning", "OperandsNotFound", note)
             paused = describe_operands(self.progress.operands)
             self.parts.node.event(
                 "Normal", "PausingOperands", f"{self.name}: waiting for GPU operands to go ({paused})"
             )
         self.parts.operands.wait_gone(self.progress.operands, self.settings.operand_timeout)
+        try:
+            removed = self.parts.operator.remove_validators()
+        except API_ERRORS as exc:  # they validated the old layout; the change goes on without that
+            note = f"the GPU Operator's CUDA and plugin validator pods were not deleted: {describe(exc)}"
+            log.warning("%s", note)
+            self.parts.node.event("Warning", "ValidatorsNotRemoved", note)
+            removed = []
+        if removed:
+            log.info("deleted validator pods: %s", ", ".join(removed))
 
     def evict(self, movers: Sequence[PodRef]) -> None:
         self.parts.slot.check()
@@ -563,6 +749,26 @@ class Change:
             )
         evicted = self.parts.evictor.evict(movers)
         self.parts.metrics.evictions.inc(len(evicted))
+
+    def stop_host_clients(self) -> None:
+        """With host GPU clients on (a host-installed driver): the listed systemd units that run
+        (and kubelet when a MIG mode changes) are recorded, then stopped; every exit starts them
+        again (`close_out`). A unit recorded by an interrupted run stays recorded."""
+        clients = self.parts.host_clients
+        if not clients.enabled():
+            return
+        mode_change = any(g.mode_changes for g in self.plan.changed)
+        running = clients.running(clients.listed(mode_change))
+        units = list(dict.fromkeys([*self.progress.host_clients, *running]))
+        if not units:
+            return
+        self.progress.host_clients = units
+        self._step(
+            Phase.STOPPING_HOST_CLIENTS,
+            "StoppingHostClients",
+            f"stopping host GPU clients: {', '.join(units)}",
+        )
+        clients.stop(units)
 
     def refuse_busy_gpus(self) -> None:
         """Wait up to `busy_gpu_timeout` for compute processes on what changes to end (0: refuse
@@ -577,6 +783,7 @@ class Change:
         """The plan, GPU by GPU (each rolled back by itself if it fails), then read back whole."""
         changed = self.plan.changed
         self.parts.slot.check()
+        self.progress.gpus_touched = True  # recorded with the step: every exit refreshes CDI then
         self._step(
             Phase.APPLYING,
             "Applying",
@@ -593,7 +800,7 @@ class Change:
             if outcome.ok:
                 continue
             if outcome.needs_reboot:
-                return self.prepare_reboot(changed, n)
+                return self.prepare_reboot(changed, n, outcome.reason)
             return Outcome(keys.STATE_FAILED, f"{self.name} not applied: {outcome.reason}")
         final = self.parts.gpus.geometries()
         wrong = [g.index for g in self.plan.gpus if final.get(g.index) != g.desired]
@@ -604,7 +811,20 @@ class Change:
             )
         return Outcome(keys.STATE_SUCCESS, success_reason(self.name, self.result))
 
-    def prepare_reboot(self, changed: Sequence[GpuPlan], n: int) -> Outcome:
+    def publish(self) -> None:
+        """The GPUs hold the new layout: their device nodes and the management CDI spec, before
+        the operands come back. Raises CdiError; the layout stays (PUBLISHING: KEEP_LAYOUT)."""
+        if not self.parts.cdi.enabled():
+            return
+        self._step(
+            Phase.PUBLISHING,
+            "PublishingDevices",
+            "creating the MIG device nodes and the management CDI spec",
+        )
+        self._published = True
+        self.parts.cdi.refresh()
+
+    def prepare_reboot(self, changed: Sequence[GpuPlan], n: int, why: str) -> Outcome:
         """Before the one host reboot: it ends every process on every GPU of the node, so every
         pod on any GPU is evicted first (PodDisruptionBudgets respected), or there is no reboot.
         Then the pending MIG mode is set on every other GPU whose mode changes, so that the one
@@ -625,7 +845,7 @@ class Change:
             raise RebootRefusedError(f"the host was not rebooted: {busy}, which a reboot would end")
         self.progress.reboot_attempted = True
         self._set_pending_modes(changed[n + 1 :])
-        reason = f"GPU {changed[n].index} needs a host reboot to change MIG mode for {self.name}: rebooting"
+        reason = f"{why}: rebooting the host (once for {self.name})"
         self.progress.phase = Phase.REBOOTING
         self.parts.node.apply(
             NodeEdit(
@@ -641,6 +861,10 @@ class Change:
     def finish(self, outcome: Outcome, started: float) -> Outcome:
         """Every exit: operands back, hold lifted (unless a newer change is waiting), record gone,
         GPUs published, state reported: one Node write (and the condition, an Event)."""
+        layout = self.name if outcome.state == keys.STATE_SUCCESS else "their previous layout"
+        problems = close_out(self.parts, self.progress, layout, cdi_done=self._published)
+        if problems:
+            outcome = replace(outcome, state=keys.STATE_FAILED, reason=join(outcome.reason, *problems))
         gpus = self.parts.report.patch()
         newer: list[str] = []
 

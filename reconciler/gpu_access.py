@@ -67,6 +67,12 @@ class GpuError(Exception):
         """The GPU cannot activate a MIG mode change without a host reboot (pass-through VMs)."""
         return self.nvml_error == "ResetRequired"
 
+    @property
+    def reset_failed(self) -> bool:
+        """The GPU reset of a mode change failed or did not take effect (a host reboot, which the
+        GPU Operator's mig-manager does with WITH_REBOOT, activates the mode instead)."""
+        return self.op is not None and self.op.op == "reset-gpu"
+
 
 def nvml_error_name(exc: BaseException) -> str:
     """`InUse` for pynvml.NVMLError_InUse, and so on (the class names pynvml generates)."""

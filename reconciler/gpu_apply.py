@@ -83,8 +83,9 @@ def apply_with_rollback(
 ) -> ApplyOutcome:
     """Run `plan`, verify by reading the GPU back, roll back to `plan.current` on error or mismatch.
 
-    With `reboot_allowed`, an error that only a reboot can clear (ResetRequired on a mode change)
-    is returned as `needs_reboot` without rolling back, so the caller can reboot into the new mode.
+    With `reboot_allowed`, an error that a reboot clears (ResetRequired on a mode change, or the
+    mode change's GPU reset failing) is returned as `needs_reboot` without rolling back, so the
+    caller can reboot into the new mode.
     """
     index = plan.index
     error: GpuError
@@ -100,7 +101,7 @@ def apply_with_rollback(
         )
     except GpuError as exc:
         error = exc
-    if reboot_allowed and error.needs_reboot:
+    if reboot_allowed and (error.needs_reboot or error.reset_failed):
         return ApplyOutcome(index, False, error, False, _read(access, index), needs_reboot=True)
     try:
         final = roll_back(access, index, plan.current)

@@ -4,6 +4,9 @@ reboot or driver reload, on a label or config change, on the periodic resync), n
 edits. A MIG mode pending on a GPU (set but not yet activated by a reset or reboot) is part of what
 NVML reports, so a pending mode the config does not want is a change too.
 
+Before its first NVML call the loop waits for the NVIDIA driver (the GPU Operator's validation
+marker, `reconciler.driver`), saying so on the node, and for NVML to load.
+
 Wakes (`Wake`) arrive from the watch threads (the Node's label, the config source), the resync
 timer and the retry backoff; those arriving during a reconcile are coalesced into the next one.
 A reconcile reads the node and the config, judges the layout, and then either reports what is
@@ -24,13 +27,15 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s
 
 from kube.client import RetryPolicy, retrying
 from kube.config_source import ConfigSource
-from kube.errors import API_ERRORS
+from kube.errors import API_ERRORS, describe
+from kube.node import NodeView
 from kube.watching import follow
 from migcore import keys
 from migcore.catalog import Catalog, load_catalog
@@ -40,16 +45,27 @@ from migcore.geometry import GpuGeometry
 from migcore.hardware import NodeGpus
 from migcore.hold import HoldMode
 from migcore.planning import plan_node
+from migcore.strategy import STRATEGY_SINGLE, single_strategy_problem
 from migcore.usage import DevicePlace
 from reconciler import change
+from reconciler.cdi import DEFAULT_TOOLKIT_DIR, Cdi, CdiMode
 from reconciler.change import Change, Parts, Progress, ProgressStore
 from reconciler.discovery import HardwarePublisher, Reports
+from reconciler.driver import POLL_SECONDS, DriverInfo, load_nvml, read_driver_ready, waiting_reason
 from reconciler.eviction import Evictor
-from reconciler.gpu_access import GpuAccess
-from reconciler.host import reboot_host
+from reconciler.gpu_access import GpuAccess, GpuError
+from reconciler.host import DEFAULT_HOST_ROOT, HostRoot
+from reconciler.host_clients import (
+    DEFAULT_CLIENTS_CONFIGMAP,
+    DEFAULT_KUBELET_SERVICE,
+    ConfigMapClients,
+    FileClients,
+    HostClients,
+    HostClientsMode,
+)
 from reconciler.metrics import Metrics
-from reconciler.node_state import NodeState
-from reconciler.operands import Operands
+from reconciler.node_state import NodeEdit, NodeState
+from reconciler.operands import AUTO_NAMESPACE, Operands
 from reconciler.ownership import claim_report
 from reconciler.pod_usage import DEFAULT_INTERVAL_SECONDS, UsagePublisher
 from reconciler.progress import NodeProgressStore
@@ -60,6 +76,7 @@ log = logging.getLogger(__name__)
 
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
+NVML_RETRY_MAX_SECONDS = 60.0
 NODE_WATCH_SECONDS = 30
 
 
@@ -91,7 +108,8 @@ def wakes(why: Wake | str | Collection[Wake | str]) -> frozenset[Wake]:
 class Settings:
     node_name: str
     hold_mode: HoldMode = HoldMode.TAINT
-    operands_namespace: str = keys.GPU_OPERATOR_NAMESPACE
+    # Where the GPU Operator's operands run; AUTO_NAMESPACE: where its DaemonSets are.
+    operands_namespace: str = AUTO_NAMESPACE
     operand_timeout: float = 300.0
     eviction_timeout: float = 300.0
     resync_seconds: float = 300.0
@@ -107,6 +125,24 @@ class Settings:
     usage_interval: float = DEFAULT_INTERVAL_SECONDS
     # The rollout budget per pool (None: every change starts at once).
     rollout: RolloutSettings | None = None
+    # The GPU Operator's driver validation marker, waited for before the first NVML call ("": none).
+    driver_ready_file: str = ""
+    # The host's root filesystem in this container, where host commands run (chroot).
+    host_root: str = DEFAULT_HOST_ROOT
+    # Where records that outlive this process are kept on the host ("": in memory / on the Node).
+    host_state_dir: str = ""
+    cdi: CdiMode = CdiMode.AUTO
+    toolkit_dir: str = DEFAULT_TOOLKIT_DIR
+    host_clients: HostClientsMode = HostClientsMode.AUTO
+    # The host GPU clients list: a file, else this ConfigMap in the operands' namespace.
+    gpu_clients_file: str = ""
+    gpu_clients_configmap: str = DEFAULT_CLIENTS_CONFIGMAP
+    kubelet_service: str = DEFAULT_KUBELET_SERVICE
+    # Where the driver container's root is mounted ("": none): NVML is loaded from there when the
+    # container runtime did not put it in the container.
+    driver_root: str = ""
+    # The layout given to a MIG-capable node without nvidia.com/mig.config ("": none).
+    default_config: str = ""
 
 
 def _fingerprint(geometries: Mapping[int, GpuGeometry]) -> str:
@@ -151,6 +187,21 @@ class Reconciler:
         self.store: ProgressStore = store or NodeProgressStore(self.node)
         self.metrics = metrics or Metrics()
         self.operands = Operands(self.node, settings.operands_namespace)
+        self.host = HostRoot(Path(settings.host_root))
+        self.cdi = Cdi(
+            self.host,
+            settings.cdi,
+            toolkit_dir=settings.toolkit_dir,
+            state_dir=Path(settings.host_state_dir) if settings.host_state_dir else None,
+        )
+        clients = (
+            FileClients(Path(settings.gpu_clients_file))
+            if settings.gpu_clients_file
+            else ConfigMapClients(self.api, self.operands.where, settings.gpu_clients_configmap)
+        )
+        self.host_clients = HostClients(
+            self.host, clients, settings.host_clients, kubelet_service=settings.kubelet_service
+        )
         patterns = (*DEFAULT_GPU_RESOURCES, *settings.gpu_resources)
         self.finder = WorkloadFinder(
             self.api, settings.node_name, settings.podresources_socket, patterns=patterns
@@ -175,7 +226,7 @@ class Reconciler:
     def _default_reboot(self) -> Callable[[], None]:
         simulated = getattr(self.access.nvml, "simReboot", None)
         if simulated is None:
-            return reboot_host
+            return self.host.reboot
 
         def simulated_reboot() -> None:
             # What a reboot does to the GPUs; this process lives on and resumes like a restart.
@@ -199,6 +250,9 @@ class Reconciler:
             report=Reports((self.hardware.report(self.access, self.catalog), self.usage)),
             reboot=self.reboot,
             slot=slot,
+            cdi=self.cdi,
+            host_clients=self.host_clients,
+            operator=self.operands,
         )
 
     def _device_places(self) -> dict[int, dict[str, DevicePlace]]:
@@ -218,7 +272,8 @@ class Reconciler:
         A reconcile that fails (the API server away, even at start) is retried after 1 s, 2 s, ...
         at most a minute apart, until one succeeds; the agent never exits for it.
         """
-        self.access.start()
+        if not self.wait_for_driver(stop):
+            return
         try:
             watches = (
                 (self._watch_node, "watch-node"),
@@ -271,6 +326,51 @@ class Reconciler:
             if self.rollout is not None:
                 self.rollout.close()
             self.access.stop()
+
+    def wait_for_driver(self, stop: threading.Event) -> bool:
+        """Wait for the driver's validation marker (when configured), then for NVML to start,
+        saying on the node what is waited for; False when stopped meanwhile."""
+        path = self.settings.driver_ready_file
+        said = ""
+        backoff = RETRY_FIRST_SECONDS
+        while not stop.is_set():
+            self.metrics.heartbeat()
+            info = read_driver_ready(path) if path else DriverInfo()
+            if info is None:
+                said = self._waiting(said, waiting_reason(path), "DriverNotReady")
+                stop.wait(POLL_SECONDS)
+                continue
+            if self.settings.driver_root:
+                log.info("NVML: %s", load_nvml(self.settings.driver_root))
+            try:
+                self.access.start()
+            except GpuError as exc:
+                why = (
+                    f"cannot use NVML: {exc}; the reconciler needs the driver's NVML library (run it "
+                    "with the NVIDIA runtime class, chart: reconciler.runtimeClassName); retrying"
+                )
+                said = self._waiting(said, why, "NvmlUnavailable")
+                stop.wait(backoff)
+                backoff = min(backoff * 2, NVML_RETRY_MAX_SECONDS)
+                continue
+            self.cdi.driver = self.host_clients.driver = info
+            if path:
+                log.info("NVIDIA driver ready: %s", info.describe())
+            return True
+        return False
+
+    def _waiting(self, said: str, reason: str, condition: str) -> str:
+        """Say once on the node (reason, condition) what the agent waits for; returns what is said."""
+        if reason == said:
+            return said
+        log.info("%s", reason)
+        try:
+            self.node.apply(NodeEdit(reason=reason))
+            self.node.set_condition("False", condition, reason)
+        except API_ERRORS as exc:  # said again on the next poll
+            log.warning("could not say on the node that %s: %s", reason, describe(exc))
+            return said
+        return reason
 
     def reconcile_safely(self, why: Collection[Wake]) -> bool:
         """One reconcile; False when it failed (logged) and should be retried soon."""
@@ -402,6 +502,8 @@ class Reconciler:
         pool = labels.get(self.settings.rollout.pool_label, "") if self.settings.rollout is not None else ""
         parts = self.parts(pool)
         if not name:
+            if progress is None and self._give_default(report, labels):
+                return None  # the label's watch wakes the loop to apply it
             self._no_layout(parts, progress, labels, annotations)
             return None
         try:
@@ -416,12 +518,20 @@ class Reconciler:
             self._reject(parts, name, reason, progress=progress, labels=labels, annotations=annotations)
             return None
         current = self.access.geometries()
-        plan = plan_node(current, change.target_layouts(result, current, progress))
+        targets = change.target_layouts(result, current, progress)
+        if labels.get(keys.LABEL_MIG_STRATEGY) == STRATEGY_SINGLE:
+            problem = single_strategy_problem(dict(targets))
+            if problem is not None:
+                reason = f"config {name} cannot be applied on this node: {problem}"
+                self._reject(parts, name, reason, progress=progress, labels=labels, annotations=annotations)
+                return None
+        plan = plan_node(current, targets)
         if not plan.changed:
             self._failed = None
             reason = change.success_reason(name, result)
-            if not _already_reported(keys.STATE_SUCCESS, reason, progress, labels, annotations):
-                change.settle(parts, progress, reason)
+            owed = self.cdi.owed() is not None and self.cdi.enabled()
+            if owed or not _already_reported(keys.STATE_SUCCESS, reason, progress, labels, annotations):
+                change.settle(parts, progress, reason, name)
             return None
         attempt = (name, config.digest, _fingerprint(current))
         # An edited config or another label value is another attempt (its key differs); the same
@@ -450,6 +560,36 @@ class Reconciler:
         if outcome.api_failure is not None:
             raise outcome.api_failure
         return outcome
+
+    def _give_default(self, report: NodeGpus, labels: Mapping[str, str]) -> bool:
+        """With a default layout configured, label a MIG-capable node that has no layout with it
+        (as the GPU Operator labels such nodes all-disabled); True when the label was set."""
+        default = self.settings.default_config
+        if not default or keys.LABEL_MIG_CONFIG in labels or not any(g.mig_capable for g in report.gpus):
+            return False
+        try:
+            known = default in self.source.load().configs
+        except ConfigError:
+            return False  # judged (and reported) once the label is there; without it, nothing to do
+        if not known:
+            log.warning(
+                "the default layout %s is not a config of %s: not set", default, self.source.describe()
+            )
+            return False
+
+        def give(node: NodeView) -> NodeEdit:
+            absent = keys.LABEL_MIG_CONFIG not in node.labels
+            return NodeEdit(labels={keys.LABEL_MIG_CONFIG: default}) if absent else NodeEdit()
+
+        if not self.node.apply(give).labels:
+            return False
+        self.node.event(
+            "Normal",
+            "DefaultLayout",
+            f"{keys.LABEL_MIG_CONFIG}={default} set: the node's GPUs are MIG-capable and it had no layout "
+            "(--default-mig-config)",
+        )
+        return True
 
     def _no_layout(
         self,

@@ -5,16 +5,27 @@ The operator schedules its DaemonSets (device plugin, GFD, DCGM, ...) with node 
 the DaemonSet controller remove that operand from the node; restoring the exact previous value
 brings it back. A label that is `false` (admin turned the operand off) or absent is never
 touched: the restore must not create what was not there (mig-parted-internals §3.3, §7.8).
+
+Like mig-manager, the operator's validators are handled too: the CUDA and plugin validator pods
+are deleted before a change (they hold a GPU, and validated the old layout), the operator
+validator pod after it (its DaemonSet starts it again, which re-runs every validation).
+
+The operands' namespace (`gpu-operator`; `nvidia-gpu-operator` on OpenShift) is where the
+operator's DaemonSets are (`detect_namespace`), unless given (`--operands-namespace`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes import client as k8s
+
+from kube.errors import is_not_found
 from migcore import keys
 from reconciler.node_state import NodeState
 
@@ -30,6 +41,18 @@ COMPONENTS: dict[str, str | None] = {
     "client": None,  # third-party clients: DaemonSet pods selecting on the label, any namespace
 }
 CLIENT_LABEL = keys.LABEL_GPU_DEPLOY_PREFIX + "client"
+# The operator's validator pods (app label): deleted before a change, and after it.
+VALIDATORS_BEFORE = ("nvidia-cuda-validator", "nvidia-device-plugin-validator")
+VALIDATOR_AFTER = "nvidia-operator-validator"
+# DaemonSets that only the GPU Operator runs (app label): where they are is the operands' namespace.
+OPERATOR_DAEMONSETS = (
+    *(s.removeprefix("app=") for s in COMPONENTS.values() if s is not None),
+    VALIDATOR_AFTER,
+    "nvidia-container-toolkit-daemonset",
+    "nvidia-driver-daemonset",
+)
+AUTO_NAMESPACE = "auto"
+DETECT_AGAIN_SECONDS = 60.0
 
 
 class OperandTimeoutError(Exception):
@@ -56,13 +79,79 @@ def to_pause(labels: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def detect_namespace(api: Any) -> str | None:
+    """The namespace of the GPU Operator's DaemonSets (the one with most of them), None if none."""
+    selector = f"app in ({','.join(OPERATOR_DAEMONSETS)})"
+    apps: Any = k8s.AppsV1Api(api)
+    items = apps.list_daemon_set_for_all_namespaces(label_selector=selector).items
+    counts = Counter(str(ds.metadata.namespace) for ds in items)
+    if not counts:
+        return None
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+
+
 @dataclass
 class Operands:
-    """Pauses operands on one node and waits for their pods to go."""
+    """Pauses operands on one node and waits for their pods to go; deletes the validator pods.
+
+    `namespace` AUTO_NAMESPACE: found from the operator's DaemonSets (looked for again at most
+    once a minute while none is found; `keys.GPU_OPERATOR_NAMESPACE` meanwhile)."""
 
     node: NodeState
-    namespace: str = keys.GPU_OPERATOR_NAMESPACE
+    namespace: str = AUTO_NAMESPACE
     poll_seconds: float = 0.5
+    _found: str | None = None
+    _looked_at: float | None = None
+
+    def where(self) -> str:
+        """The operands' namespace now."""
+        if self.namespace != AUTO_NAMESPACE:
+            return self.namespace
+        now = time.monotonic()
+        if self._found is None and (self._looked_at is None or now - self._looked_at >= DETECT_AGAIN_SECONDS):
+            self._looked_at = now
+            self._found = detect_namespace(self.node.core.api_client)
+            if self._found is not None:
+                log.info("GPU Operator operands found in namespace %s", self._found)
+        return self._found or keys.GPU_OPERATOR_NAMESPACE
+
+    def missing(self, paused: Mapping[str, str]) -> list[str]:
+        """Paused operand labels (that mig-manager would wait for) whose DaemonSet is not in the
+        operands' namespace: the labels say the operand runs, but it is not found where looked."""
+        apps: Any = k8s.AppsV1Api(self.node.core.api_client)
+        namespace = self.where()
+        out: list[str] = []
+        for component, selector in COMPONENTS.items():
+            if label_of(component) not in paused or selector is None:
+                continue
+            if not apps.list_namespaced_daemon_set(namespace, label_selector=selector).items:
+                out.append(label_of(component))
+        return out
+
+    def _delete_pods(self, app: str) -> list[str]:
+        core: Any = self.node.core
+        namespace = self.where()
+        pods = core.list_namespaced_pod(
+            namespace, label_selector=f"app={app}", field_selector=f"spec.nodeName={self.node.node_name}"
+        ).items
+        deleted: list[str] = []
+        for pod in pods:
+            try:
+                core.delete_namespaced_pod(pod.metadata.name, namespace)
+            except k8s.ApiException as exc:
+                if not is_not_found(exc):
+                    raise
+            deleted.append(f"{namespace}/{pod.metadata.name}")
+        return deleted
+
+    def remove_validators(self) -> list[str]:
+        """Delete the CUDA and plugin validator pods on this node (before a change)."""
+        return [name for app in VALIDATORS_BEFORE for name in self._delete_pods(app)]
+
+    def restart_validator(self) -> list[str]:
+        """Delete the operator validator pod on this node (after a change): its DaemonSet starts
+        it again, which re-runs the validations on the new layout."""
+        return self._delete_pods(VALIDATOR_AFTER)
 
     def pause(self, previous: Mapping[str, str]) -> None:
         """Set each label in `previous` to `paused-for-mig-change` (one merge patch)."""
@@ -85,11 +174,12 @@ class Operands:
         """`namespace/name` of the paused operands' pods still on this node."""
         core: Any = self.node.core
         on_node = f"spec.nodeName={self.node.node_name}"
+        namespace = self.where()
         left: list[str] = []
         for component, selector in COMPONENTS.items():
             if label_of(component) not in paused or selector is None:
                 continue
-            pods = core.list_namespaced_pod(self.namespace, label_selector=selector, field_selector=on_node)
+            pods = core.list_namespaced_pod(namespace, label_selector=selector, field_selector=on_node)
             left.extend(f"{p.metadata.namespace}/{p.metadata.name}" for p in pods.items)
         if CLIENT_LABEL in paused:
             for pod in core.list_pod_for_all_namespaces(field_selector=on_node).items:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from reconciler.host_clients import DEFAULT_CLIENTS_CONFIGMAP
+
 RULES: Final[tuple[dict[str, Any], ...]] = (
     # Its own Node: read and watch (field selector), labels/annotations/taints/cordon.
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
@@ -16,6 +18,8 @@ RULES: Final[tuple[dict[str, Any], ...]] = (
     # Naming the PodDisruptionBudget that blocks an eviction.
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["list"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+    # Where the GPU Operator's DaemonSets are (the operands' namespace; operands that exist).
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["list"]},
     # The mig-parted config ConfigMap (a namespaced Role suffices when it lives in one namespace).
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]},
 )
@@ -28,5 +32,17 @@ ROLLOUT_RULES: Final[tuple[dict[str, Any], ...]] = (
         "apiGroups": ["coordination.k8s.io"],
         "resources": ["leases"],
         "verbs": ["get", "list", "watch", "create", "update", "delete"],
+    },
+)
+
+# In the GPU Operator's namespace only (a Role there): its validator pods deleted, its host GPU
+# clients list read by name.
+OPERATOR_RULES: Final[tuple[dict[str, Any], ...]] = (
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": [DEFAULT_CLIENTS_CONFIGMAP],
+        "verbs": ["get"],
     },
 )

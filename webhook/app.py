@@ -232,7 +232,10 @@ def build_state(settings: WebhookSettings, metrics: WebhookMetrics) -> WebhookSt
     metrics.track_config_age(lambda: source.state.loaded_at)
     source.start()
     rules = NodeRules(
-        hardware, settings.reconciler_users, allow_unbound=settings.allow_unbound_reconciler_tokens
+        hardware,
+        settings.reconciler_users,
+        allow_unbound=settings.allow_unbound_reconciler_tokens,
+        default_config=settings.default_mig_config,
     )
     hold = settings.hold if settings.admission_hold else None
     handler = AdmissionHandler(rules, hold, guard, impact=ImpactPreview(hardware))

@@ -13,6 +13,7 @@ from kube.node import NodeView
 from migcore import keys
 from migcore.catalog import Catalog, UnknownProductError
 from migcore.check import NodeHardware, hardware_from_labels, hardware_from_report
+from migcore.geometry import GpuGeometry
 from migcore.hardware import HardwareReportError, NodeGpus
 from migcore.memo import LruCache
 
@@ -26,6 +27,8 @@ class HardwareFinding:
     hardware: NodeHardware | None
     source: str
     warnings: tuple[str, ...] = ()
+    # The GPUs' layouts now, from the report (index, layout or None); empty from labels.
+    layouts: tuple[tuple[int, GpuGeometry | None], ...] = ()
 
 
 def parse_gpu_count(text: str | None) -> int | None:
@@ -53,8 +56,12 @@ class HardwareResolver:
         warnings: list[str] = []
         if report:
             try:
-                hardware = hardware_from_report(self.catalog, NodeGpus.from_annotation(report))
-                return HardwareFinding(hardware, f"{hardware.describe()}, from {keys.ANNOTATION_GPUS}")
+                gpus = NodeGpus.from_annotation(report)
+                hardware = hardware_from_report(self.catalog, gpus)
+                layouts = tuple((gpu.index, gpu.geometry) for gpu in gpus.gpus)
+                return HardwareFinding(
+                    hardware, f"{hardware.describe()}, from {keys.ANNOTATION_GPUS}", (), layouts
+                )
             except (HardwareReportError, UnknownProductError) as exc:
                 warnings.append(f"{keys.ANNOTATION_GPUS} ignored: {exc}")
         if not product:

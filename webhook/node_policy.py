@@ -7,7 +7,8 @@ webhook is down or after its configurations were deleted. Together they are what
 `webhook.writers` and rule 5 of `webhook.validation` check for the writes that reach the webhook:
 
 - a reconciler identity writes only the node its pod-bound token names (any field: like
-  NodeRestriction for kubelets), never `nvidia.com/mig.config`; a token that names no node is
+  NodeRestriction for kubelets), never `nvidia.com/mig.config` (except, with a default layout
+  configured, setting exactly that one on a node that has none); a token that names no node is
   refused unless `allow_unbound`;
 - anyone else leaves the protected keys alone, except what the mutating webhook sets in an
   accepted change of the layout (state `pending`, the pending reason, a hold record by the
@@ -108,8 +109,9 @@ def _protected() -> list[tuple[str, str]]:
     return [("labels", k) for k in PROTECTED_LABELS] + [("annotations", k) for k in PROTECTED_ANNOTATIONS]
 
 
-def validations(allow_unbound: str) -> list[dict[str, str]]:
-    """The checks, from CEL fragments (`allow_unbound` a CEL literal; the chart passes a placeholder)."""
+def validations(allow_unbound: str, default_config: str = "''") -> list[dict[str, str]]:
+    """The checks, from CEL fragments (`allow_unbound` a CEL literal, `default_config` a CEL string:
+    the layout a reconciler may give an unlabelled node, '' for none; the chart passes placeholders)."""
     name = "object.metadata.name"
     user = "request.userInfo.username"
     unbound = (
@@ -150,7 +152,10 @@ def validations(allow_unbound: str) -> list[dict[str, str]]:
             "reason": "Forbidden",
         },
         {
-            "expression": f"!variables.reconciler || !{_changed('labels', keys.LABEL_MIG_CONFIG)}",
+            "expression": f"!variables.reconciler || !{_changed('labels', keys.LABEL_MIG_CONFIG)} || "
+            f"({default_config} != '' && !{_in('old', 'labels', keys.LABEL_MIG_CONFIG)} && "
+            f"{_in('new', 'labels', keys.LABEL_MIG_CONFIG)} && "
+            f"{_value('new', 'labels', keys.LABEL_MIG_CONFIG)} == {default_config})",
             "messageExpression": layout,
             "reason": "Forbidden",
         },
@@ -172,7 +177,7 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
-def policy_spec(users: str, allow_unbound: str) -> dict[str, Any]:
+def policy_spec(users: str, allow_unbound: str, default_config: str = "''") -> dict[str, Any]:
     """The policy's spec from CEL fragments (`users` a CEL list)."""
     return {
         # A policy that cannot be evaluated refuses the write: it never can fail on its own
@@ -180,19 +185,21 @@ def policy_spec(users: str, allow_unbound: str) -> dict[str, Any]:
         "failurePolicy": "Fail",
         "matchConstraints": {"matchPolicy": "Equivalent", "resourceRules": RULES},
         "variables": _variables(users),
-        "validations": validations(allow_unbound),
+        "validations": validations(allow_unbound, default_config),
     }
 
 
 def node_writers_policy(
-    name: str, reconciler_users: Sequence[str], allow_unbound: bool = False
+    name: str, reconciler_users: Sequence[str], allow_unbound: bool = False, default_config: str = ""
 ) -> dict[str, Any]:
     """The ValidatingAdmissionPolicy for these reconciler identities."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
         "metadata": {"name": name},
-        "spec": policy_spec(cel.string_list(reconciler_users), cel.literal(allow_unbound)),
+        "spec": policy_spec(
+            cel.string_list(reconciler_users), cel.literal(allow_unbound), cel.quote(default_config)
+        ),
     }
 
 

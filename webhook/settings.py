@@ -28,6 +28,8 @@ class WebhookSettings:
     reconciler_users: tuple[str, ...] = ()
     # Accept reconciler writes with tokens that name no node (clusters older than Kubernetes 1.30).
     allow_unbound_reconciler_tokens: bool = False
+    # The layout a reconciler may give a MIG-capable node that has none ("": none may).
+    default_mig_config: str = ""
     kubeconfig: Path | None = None
     hold: HoldMode = HoldMode.TAINT
     # Hold the node in the admin's own write (off with a rollout budget: the reconciler holds it

@@ -1,16 +1,18 @@
 """The Node rules: is this change of a Node allowed?
 
 1. A new or changed `nvidia.com/mig.config` must name a config of the mig-parted config;
-2. it must fit the node's GPUs (hardware report, else GPU Feature Discovery labels);
+2. it must fit the node's GPUs (hardware report, else GPU Feature Discovery labels), and, when the
+   node's `nvidia.com/mig.strategy` is `single`, give every GPU one and the same profile
+   (`migcore.strategy`);
 3. with no way to tell the hardware it is allowed, with a warning;
 4. removing the label is allowed;
 5. protected keys (`keys.is_protected_key`) change only by the reconciler's identities,
    except exactly what the mutating webhook sets for an accepted change in the same request;
 6. a reconciler identity writes only the node its token is bound to, and never the layout
-   (`webhook.writers`);
+   (`webhook.writers`), except the configured default layout on a node without one;
 7. anything else is allowed.
-The layout is judged against the GPUs as they were before the request: GPU Feature Discovery
-labels changed (or removed) in the same request do not count.
+The layout is judged against the GPUs (and the MIG strategy) as they were before the request: GPU
+Feature Discovery labels changed (or removed) in the same request do not count.
 Pure: no I/O, no side effects (dry-run requests get the same verdict and store nothing).
 """
 
@@ -32,6 +34,7 @@ from migcore.check import (
 )
 from migcore.hold import BY_WEBHOOK, HoldRecord, pending_reason
 from migcore.memo import LruCache
+from migcore.strategy import STRATEGY_SINGLE, final_layouts, single_strategy_problem
 from migcore.wording import shorten
 from webhook.node_hardware import HardwareFinding, HardwareResolver
 from webhook.verdict import CODE_FORBIDDEN, CODE_INVALID, Verdict
@@ -66,6 +69,12 @@ class NodeChange:
     def node_name(self) -> str:
         return self.new.name or self.old.name
 
+    @property
+    def mig_strategy(self) -> str:
+        """The device plugin's MIG strategy label as it was before the request."""
+        before = self.new if self.creating else self.old
+        return before.labels.get(keys.LABEL_MIG_STRATEGY, "")
+
 
 def changed_protected_keys(old: NodeView, new: NodeView) -> dict[str, str | None]:
     """Protected labels and annotations whose value differs: "label:key"/"annotation:key" -> new value
@@ -85,10 +94,15 @@ class NodeRules:
     """Judges Node CREATE/UPDATE requests against the config in use."""
 
     def __init__(
-        self, hardware: HardwareResolver, reconciler_users: Collection[str], *, allow_unbound: bool = False
+        self,
+        hardware: HardwareResolver,
+        reconciler_users: Collection[str],
+        *,
+        allow_unbound: bool = False,
+        default_config: str = "",
     ) -> None:
         self._hardware = hardware
-        self.reconcilers = ReconcilerIdentities(reconciler_users, allow_unbound)
+        self.reconcilers = ReconcilerIdentities(reconciler_users, allow_unbound, default_config)
         self._verdicts: LruCache[tuple[object, ...], Verdict] = LruCache(VERDICT_CACHE_SIZE)
 
     def config_verdict(self, change: NodeChange, config: ConfigView) -> Verdict:
@@ -102,8 +116,17 @@ class NodeRules:
         name = change.new.mig_config
         finding = self.hardware(change)
         hardware_key = finding.hardware.cache_key() if finding.hardware is not None else None
-        key = (config.config.digest, config.origin, name, hardware_key, finding.source, finding.warnings)
-        cached = self._verdicts.get_or_make(key, lambda: self._config_verdict(name, finding, config))
+        single = change.mig_strategy == STRATEGY_SINGLE
+        key = (
+            config.config.digest,
+            config.origin,
+            name,
+            hardware_key,
+            finding.source,
+            finding.warnings,
+            single and finding.layouts,
+        )
+        cached = self._verdicts.get_or_make(key, lambda: self._config_verdict(name, finding, config, single))
         if NODE_NAME_SLOT in cached.message:
             return replace(cached, message=cached.message.replace(NODE_NAME_SLOT, change.node_name))
         return cached
@@ -120,7 +143,9 @@ class NodeRules:
         note = f"GPU labels changed in the same request: judged against the GPUs before it ({before.source})"
         return replace(before, warnings=(*before.warnings, note))
 
-    def _config_verdict(self, name: str, finding: HardwareFinding, config: ConfigView) -> Verdict:
+    def _config_verdict(
+        self, name: str, finding: HardwareFinding, config: ConfigView, single: bool
+    ) -> Verdict:
         if name not in config.config.configs:
             text = unknown_config_message(
                 config.config,
@@ -138,6 +163,19 @@ class NodeRules:
             message += valid_names_text(
                 valid_config_names(config.config, finding.hardware), " Valid for this node"
             )
+            return Verdict.deny(CODE_INVALID, message, warnings=finding.warnings)
+        current = dict(finding.layouts)
+        problem = single_strategy_problem(final_layouts(result, current)) if single else None
+        if problem is not None:
+            hardware = finding.hardware
+            suited = [
+                n
+                for n in valid_config_names(config.config, hardware)
+                if single_strategy_problem(final_layouts(check_config(config.config, n, hardware), current))
+                is None
+            ]
+            message = f"{quoted_name(name)} does not suit node {NODE_NAME_SLOT}: {problem}."
+            message += valid_names_text(suited, " Valid for this node")
             return Verdict.deny(CODE_INVALID, message, warnings=finding.warnings)
         return Verdict.allow(warnings=(*finding.warnings, *result.warnings))
 
@@ -183,7 +221,10 @@ class NodeRules:
         """The verdict on a Node CREATE or UPDATE by `username`, whose credential is bound to the node
         `bound_node` (a pod-bound ServiceAccount token; None when not bound)."""
         if username in self.reconcilers:
-            return self.reconcilers.verdict(username, bound_node, change.node_name, change.layout_touched)
+            layout = change.layout_touched and not self.reconcilers.defaults(
+                change.old.labels.get(keys.LABEL_MIG_CONFIG), change.new.labels.get(keys.LABEL_MIG_CONFIG)
+            )
+            return self.reconcilers.verdict(username, bound_node, change.node_name, layout)
         verdict = self.config_verdict(change, config)
         spoofed = self.spoofed_keys(change, username, verdict.allowed)
         if spoofed:

@@ -5,7 +5,9 @@ node report for the whole fleet. The token a pod gets from the kubelet is bound 
 the API server puts the pod's node in `userInfo.extra["authentication.kubernetes.io/node-name"]`
 (feature ServiceAccountTokenPodNodeInfo: alpha in Kubernetes 1.29, on by default since 1.30, GA in
 1.32). Like the API server's NodeRestriction for kubelets, a reconciler identity may then write
-only that node, and never the desired layout. A token with no node (one made by `kubectl create
+only that node, and never the desired layout (but for one exception, off by default: the configured
+default layout on a node that has none, as the GPU Operator labels unlabelled MIG-capable nodes
+`all-disabled`). A token with no node (one made by `kubectl create
 token`, or any token on a cluster older than 1.30) is refused unless `allow_unbound` is set.
 
 The same rules run in the API server itself (`webhook.node_policy`), which is what judges a
@@ -55,9 +57,14 @@ def layout_message(username: str, node: str) -> str:
 class ReconcilerIdentities:
     """The reconciler's user names and whether tokens without a node are accepted."""
 
-    def __init__(self, users: Collection[str], allow_unbound: bool = False) -> None:
+    def __init__(self, users: Collection[str], allow_unbound: bool = False, default_config: str = "") -> None:
         self.users = frozenset(users)
         self.allow_unbound = allow_unbound
+        self.default_config = default_config
+
+    def defaults(self, old: str | None, new: str | None) -> bool:
+        """The write gives a node without a layout the configured default one."""
+        return bool(self.default_config) and old is None and new == self.default_config
 
     def __contains__(self, username: object) -> bool:
         return username in self.users

@@ -19,11 +19,16 @@ from mig_guard.commands import flags
 from migcore import keys
 from migcore.catalog import load_catalog
 from migcore.hold import HoldMode
+from reconciler.cdi import DEFAULT_TOOLKIT_DIR, CdiMode
 from reconciler.change import ProgressStore
+from reconciler.driver import DEFAULT_READY_FILE
 from reconciler.gpu_backend import make_gpu_access
+from reconciler.host import DEFAULT_HOST_ROOT
+from reconciler.host_clients import DEFAULT_CLIENTS_CONFIGMAP, DEFAULT_KUBELET_SERVICE, HostClientsMode
 from reconciler.loop import Reconciler, Settings
 from reconciler.metrics import Metrics, serve
 from reconciler.node_state import NodeState
+from reconciler.operands import AUTO_NAMESPACE
 from reconciler.progress import FileProgressStore, NodeProgressStore
 from reconciler.rollout import Budget, RolloutSettings
 from reconciler.workloads import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET
@@ -61,8 +66,73 @@ def register(sub: Any) -> None:
     parser.add_argument("--podresources-socket", default=DEFAULT_SOCKET, metavar="PATH")
     parser.add_argument(
         "--operands-namespace",
-        default=Settings.operands_namespace,
-        help="namespace of the GPU Operator's operands (default %(default)s)",
+        default=AUTO_NAMESPACE,
+        help=f"namespace of the GPU Operator's operands and validators (default {AUTO_NAMESPACE}: where the "
+        f"operator's DaemonSets are, else {keys.GPU_OPERATOR_NAMESPACE})",
+    )
+    parser.add_argument(
+        "--default-mig-config",
+        default="",
+        metavar="NAME",
+        help="give a MIG-capable node without nvidia.com/mig.config this layout (as the GPU Operator "
+        "labels such nodes all-disabled; the webhook needs the same flag; default: none)",
+    )
+    host = parser.add_argument_group("the host and the GPU Operator's node components")
+    host.add_argument(
+        "--driver-ready-file",
+        default="",
+        metavar="PATH",
+        help=f"wait for this file before the first NVML call (the GPU Operator's: {DEFAULT_READY_FILE}; "
+        "default: no wait)",
+    )
+    host.add_argument(
+        "--driver-root",
+        default="",
+        metavar="DIR",
+        help="the driver container's root, mounted here: NVML is loaded from it when the container "
+        "runtime did not provide it (--gpu-backend nvml)",
+    )
+    host.add_argument(
+        "--host-root",
+        default=DEFAULT_HOST_ROOT,
+        metavar="DIR",
+        help="the host's / in this container; host commands run chrooted there (default %(default)s)",
+    )
+    host.add_argument(
+        "--cdi",
+        choices=[m.value for m in CdiMode],
+        default=CdiMode.AUTO.value,
+        help="after each change, create the MIG device nodes and the management CDI spec (auto: when the "
+        "node has an NVIDIA CDI spec; default %(default)s)",
+    )
+    host.add_argument(
+        "--toolkit-dir",
+        default=DEFAULT_TOOLKIT_DIR,
+        metavar="DIR",
+        help="the NVIDIA Container Toolkit's directory on the host (nvidia-ctk, nvidia-cdi-hook; default "
+        "%(default)s, else nvidia-ctk on the host's PATH)",
+    )
+    host.add_argument(
+        "--host-gpu-clients",
+        choices=[m.value for m in HostClientsMode],
+        default=HostClientsMode.AUTO.value,
+        help="stop the host's GPU clients (systemd units) during a change (auto: when the driver marker says "
+        "the driver is installed on the host; default %(default)s)",
+    )
+    clients = host.add_mutually_exclusive_group()
+    clients.add_argument(
+        "--gpu-clients-configmap",
+        default=DEFAULT_CLIENTS_CONFIGMAP,
+        metavar="NAME",
+        help="the GPU Operator's clients ConfigMap in the operands' namespace (key clients.yaml; "
+        "default %(default)s)",
+    )
+    clients.add_argument("--gpu-clients-file", metavar="F", help="the clients list in a file instead")
+    host.add_argument(
+        "--kubelet-service",
+        default=DEFAULT_KUBELET_SERVICE,
+        metavar="UNIT",
+        help="also stopped on a MIG mode change with host GPU clients on ('' never; default %(default)s)",
     )
     parser.add_argument(
         "--metrics-listen",
@@ -200,6 +270,17 @@ def run(args: argparse.Namespace) -> int:
         gpu_resources=tuple(args.gpu_resource),
         api_retry_seconds=args.api_retry_seconds,
         usage_interval=args.usage_interval,
+        driver_ready_file=args.driver_ready_file,
+        driver_root=args.driver_root if args.gpu_backend == "nvml" else "",
+        host_root=args.host_root,
+        host_state_dir=args.host_state_dir or "",
+        cdi=CdiMode(args.cdi),
+        toolkit_dir=args.toolkit_dir,
+        host_clients=HostClientsMode(args.host_gpu_clients),
+        gpu_clients_file=args.gpu_clients_file or "",
+        gpu_clients_configmap=args.gpu_clients_configmap,
+        kubelet_service=args.kubelet_service,
+        default_config=args.default_mig_config,
         rollout=rollout,
     )
     metrics = Metrics()

@@ -58,6 +58,13 @@ def register(sub: Any) -> None:
         help="also accept reconciler writes with tokens that name no node (clusters before Kubernetes 1.30, "
         "where pod-bound tokens carry no node name); any node may then be written by any reconciler",
     )
+    parser.add_argument(
+        "--default-mig-config",
+        default="",
+        metavar="NAME",
+        help="the one layout a reconciler may set on a node that has no nvidia.com/mig.config (the "
+        "reconciler's --default-mig-config; default: none)",
+    )
     parser.add_argument("--workers", type=_positive, default=2)
     parser.add_argument(
         "--threads",
@@ -107,6 +114,7 @@ def settings_from_args(args: argparse.Namespace) -> WebhookSettings:
         configmap=flags.configmap_ref(args),
         reconciler_users=tuple(args.reconciler_user),
         allow_unbound_reconciler_tokens=args.allow_unbound_reconciler_tokens,
+        default_mig_config=args.default_mig_config,
         kubeconfig=args.kubeconfig,
         hold=HoldMode(args.hold),
         admission_hold=args.admission_hold,

@@ -22,6 +22,7 @@ from certs.provision import provision
 from certs.rotation import Action
 from certs.secret_store import SecretStore
 from devcluster import binaries
+from devcluster import helpers as cluster
 from devcluster.helpers import service_account_client
 from kube.config_source import ConfigMapRef
 from mig_guard.cli import build_parser
@@ -50,6 +51,7 @@ VARIANTS: dict[str, list[str]] = {
         "--set=certs.rsaBits=3072",
         "--set=certs.renewal.enabled=false",
         "--set=reconciler.privileged=false",
+        "--set=reconciler.defaultMigConfig=all-disabled",
         "--set=reconciler.rebootEnabled=true",
         "--set=rollout.enabled=false",
     ],
@@ -253,7 +255,7 @@ def test_the_admission_port_admits_the_api_server_only(helm: Run) -> None:
 
 def test_reconciler_runs_on_gpu_nodes_only_and_survives_its_own_taint(helm: Run) -> None:
     spec = one(render(helm), "DaemonSet")["spec"]["template"]["spec"]
-    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["nodeSelector"] == {keys.LABEL_MIG_CAPABLE: "true"}  # as the operator's mig-manager
     assert {"key": keys.TAINT_KEY, "operator": "Exists"} in spec["tolerations"]
     container = spec["containers"][0]
     assert "--node-name=$(NODE_NAME)" in container["args"]
@@ -311,6 +313,66 @@ def test_the_rollout_budget_is_on_by_default_and_both_components_agree(helm: Run
     )
 
 
+def test_reconciler_runs_nvml_as_the_gpu_operators_mig_manager_does(helm: Run) -> None:
+    spec = one(render(helm), "DaemonSet")["spec"]["template"]["spec"]
+    assert spec["runtimeClassName"] == "nvidia"  # the operator's: the NVML library and nvidia-smi
+    container = spec["containers"][0]
+    args = container["args"]
+    for arg in (
+        "--driver-ready-file=/host/run/nvidia/validations/driver-ready",
+        "--driver-root=/driver-root",
+        "--host-root=/host",
+        "--cdi=auto",
+        "--host-gpu-clients=auto",
+        "--operands-namespace=auto",
+    ):
+        assert arg in args
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v["hostPath"] for v in spec["volumes"] if "hostPath" in v}
+    assert (mounts["host-root"]["mountPath"], mounts["host-root"]["readOnly"]) == ("/host", True)
+    assert mounts["host-root"]["mountPropagation"] == "HostToContainer"
+    assert volumes["host-root"] == {"path": "/", "type": "Directory"}
+    assert mounts["driver-root"]["mountPath"] == "/driver-root"
+    assert volumes["driver-root"] == {"path": "/run/nvidia/driver", "type": "DirectoryOrCreate"}
+    # Without the GPU Operator: the node's default runtime, no driver marker to wait for.
+    other = one(
+        render(helm, "--set=reconciler.runtimeClassName=", "--set=reconciler.driver.readyFile="), "DaemonSet"
+    )["spec"]["template"]["spec"]
+    assert "runtimeClassName" not in other
+    assert not [a for a in other["containers"][0]["args"] if a.startswith("--driver-ready-file")]
+
+
+def test_the_reconciler_may_delete_pods_only_in_the_gpu_operators_namespace(helm: Run) -> None:
+    docs = render(helm)
+    role = one(docs, "Role", "-reconciler-gpu-operator")
+    assert role["metadata"]["namespace"] == "gpu-operator"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["default-gpu-clients"],
+            "verbs": ["get"],
+        },
+    ]
+    binding = one(docs, "RoleBinding", "-reconciler-gpu-operator")
+    assert binding["metadata"]["namespace"] == "gpu-operator"
+    for doc in by_kind(docs, "ClusterRole"):
+        for rule in doc["rules"]:
+            assert "delete" not in rule["verbs"] or rule["resources"] != ["pods"], doc["metadata"]["name"]
+    openshift = render(helm, "--set=reconciler.operandsNamespace=nvidia-gpu-operator")
+    assert (
+        one(openshift, "Role", "-reconciler-gpu-operator")["metadata"]["namespace"] == "nvidia-gpu-operator"
+    )
+    args = one(openshift, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--operands-namespace=nvidia-gpu-operator" in args
+    assert not [
+        d
+        for d in render(helm, "--set=reconciler.operatorRbac=false")
+        if d["metadata"]["name"].endswith("-gpu-operator")
+    ]
+
+
 def test_webhook_configurations_are_shaped_as_the_values_say(helm: Run) -> None:
     docs = render(helm, "--set=webhook.failurePolicy=Ignore", "--set=webhook.timeoutSeconds=3")
     validating = one(docs, "ValidatingWebhookConfiguration")
@@ -353,18 +415,29 @@ def test_the_charts_cel_is_generated_from_the_code() -> None:
     assert CEL_TEMPLATE.read_text() == render_chart_cel.render(), "run python tools/render_chart_cel.py"
 
 
-@pytest.mark.parametrize("allow_unbound", [False, True])
-def test_the_node_writers_policy_is_the_canonical_one(helm: Run, allow_unbound: bool) -> None:
+@pytest.mark.parametrize(("allow_unbound", "default"), [(False, ""), (True, ""), (False, "all-disabled")])
+def test_the_node_writers_policy_is_the_canonical_one(helm: Run, allow_unbound: bool, default: str) -> None:
     """The API server evaluates the chart's policy; the e2e tests prove webhook/node_policy.py's."""
-    docs = render(helm, f"--set=reconciler.allowUnboundTokens={str(allow_unbound).lower()}")
+    docs = render(
+        helm,
+        f"--set=reconciler.allowUnboundTokens={str(allow_unbound).lower()}",
+        f"--set=reconciler.defaultMigConfig={default}",
+    )
     policy = one(docs, "ValidatingAdmissionPolicy")
     user = "system:serviceaccount:mig-guard:mg-mig-guard-reconciler"
-    reference = node_policy.node_writers_policy("x", [user], allow_unbound)
+    reference = node_policy.node_writers_policy("x", [user], allow_unbound, default)
     assert policy["spec"] == reference["spec"]
     binding = one(docs, "ValidatingAdmissionPolicyBinding")
     assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert ("--allow-unbound-reconciler-tokens" in args) is allow_unbound
+    # The webhook and the reconciler take the same default (the reconciler sets it, the webhook allows it).
+    reconciler = one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    for component in (args, reconciler):
+        assert (
+            [a for a in component if a.startswith("--default-mig-config")]
+            == [f"--default-mig-config={default}"]
+        ) is bool(default)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -450,6 +523,7 @@ def test_rendered_manifests_pass_the_api_servers_own_validation(
     helm: Run, kubectl: Run, variant: str
 ) -> None:
     ensure_namespace(kubectl, "mig-guard-dry")
+    ensure_namespace(kubectl, keys.GPU_OPERATOR_NAMESPACE)  # the operator's, where its Role goes
     result = helm("template", "dry", str(CHART), "--namespace", "mig-guard-dry", *VARIANTS[variant])
     assert result.returncode == 0, result.stderr
     applied = apply_dry_run(kubectl, result.stdout)
@@ -476,6 +550,7 @@ def release(helm: Run, control_plane: Any, kubeconfig: Path) -> Iterator[str]:
     """The chart installed (hooks skipped: no kubelet runs the Jobs here) and removed afterwards, so
     its failurePolicy=Fail webhooks never outlive this module."""
     name = "mg-" + uuid.uuid4().hex[:6]
+    cluster.ensure_namespace(control_plane.api, keys.GPU_OPERATOR_NAMESPACE)  # its Role goes there
     installed = helm(
         "install", name, str(CHART), "--namespace", NAMESPACE, "--create-namespace", "--no-hooks",
         kubeconfig=kubeconfig, timeout=180,

@@ -4,6 +4,11 @@ their Service, the reconciler DaemonSet pod (simulated GPUs, the only stand-in) 
 reads the real kubelet's PodResources API and evicts exactly the pods on instances that change
 (through the Eviction API, PodDisruptionBudgets honoured); then upgrade and uninstall.
 
+The node is dressed as a GPU Operator node: the `nvidia` RuntimeClass (here on runc), the
+operator's namespace with its host GPU clients list, the driver's validation marker, and a host
+root (the chart's `reconciler.hostRoot`) whose systemctl, nvidia-ctk and nvidia-smi are recording
+stand-ins (devcluster.hostroot): the pod waits for the marker, then chroots into that root.
+
 The tests run in file order on one release (installed by the module's fixture): each step
 builds on the state the one before left, as an admin's session would.
 """
@@ -30,7 +35,8 @@ from kubernetes.client import ApiException
 
 from devcluster import binaries
 from devcluster.deviceplugin.server import DevicePlugins, wait_for_capacity
-from devcluster.helpers import gfd_labels, wait_for_mig_state
+from devcluster.helpers import ensure_namespace, gfd_labels, wait_for_mig_state
+from devcluster.hostroot import HostRootFixture
 from devcluster.images import ImageArchive
 from devcluster.node import RealNode
 from devcluster.processes import wait_until
@@ -46,6 +52,7 @@ RELEASE = "mig-guard"
 NAMESPACE = "mig-guard"
 WORKLOADS = "workloads"
 PRODUCT = "NVIDIA-A100-SXM4-40GB"
+DCGM = "nvidia-dcgm.service"
 MIG_1G = "nvidia.com/mig-1g.5gb"
 CONFIG = """\
 version: v1
@@ -81,6 +88,7 @@ class Release:
     node: RealNode
     image: ImageArchive
     workdir: Path
+    host: HostRootFixture
     installed_in: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -138,6 +146,8 @@ class Release:
             f"--set=reconciler.hostStateDir={self.host_state}",
             "--set=reconciler.extraArgs={--eviction-timeout=15}",
             f"--set-file=migPartedConfig.config={config}",
+            f"--set=reconciler.hostRoot={self.host.root}",
+            f"--set=reconciler.driver.root={self.host.file('/run/nvidia/driver')}",
         ]
 
     # --- the node ---------------------------------------------------------------------------------
@@ -213,18 +223,69 @@ def typo_label(release: Release, dry_run: bool = False) -> subprocess.CompletedP
 def release(
     real_node: RealNode, mig_guard_image: ImageArchive, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Release]:
-    rel = Release(real_node, mig_guard_image, tmp_path_factory.mktemp("release"))
-    rel.core.patch_node(real_node.name, {"metadata": {"labels": gfd_labels(PRODUCT, 2)}})
+    workdir = tmp_path_factory.mktemp("release")
+    # Mounted as a host is: a shared root (for the pod's HostToContainer mounts), /run a tmpfs of
+    # its own (writable under the pod's read-only /host); the driver root inside it.
+    host = HostRootFixture.build(
+        workdir / "host", units={DCGM: True, "kubelet.service": True}, host_mounts=True
+    )
+    host.file("/run/nvidia/driver").mkdir(parents=True)
+    rel = Release(real_node, mig_guard_image, workdir, host)
+    # No hardware report from an earlier module's reconciler: this one's shows when it has used NVML.
+    rel.core.patch_node(
+        real_node.name,
+        {"metadata": {"labels": gfd_labels(PRODUCT, 2), "annotations": {keys.ANNOTATION_GPUS: None}}},
+    )
+    # What the GPU Operator has on the cluster: its runtime class (its handler here is runc), its
+    # namespace (the chart's Role goes there) and its host GPU clients list.
+    k8s.NodeV1Api(rel.api).create_runtime_class({"metadata": {"name": "nvidia"}, "handler": "runc"})
+    ensure_namespace(rel.api, keys.GPU_OPERATOR_NAMESPACE)
+    rel.core.create_namespaced_config_map(
+        keys.GPU_OPERATOR_NAMESPACE,
+        {
+            "metadata": {"name": "default-gpu-clients"},
+            "data": {"clients.yaml": f"version: v1\nsystemd-services:\n  - nvsm.service\n  - {DCGM}\n"},
+        },
+    )
     t0 = time.monotonic()
-    installed = rel.helm(
-        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--create-namespace",
-        "--wait", "--timeout=5m", *rel.values(),
-    )  # fmt: skip
-    rel.installed_in = time.monotonic() - t0
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    yield rel
-    if rel.helm("status", RELEASE, "--namespace", NAMESPACE).returncode == 0:
-        rel.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait")
+    try:
+        installed = rel.helm(
+            "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--create-namespace",
+            "--wait", "--timeout=5m", *rel.values(),
+        )  # fmt: skip
+        rel.installed_in = time.monotonic() - t0
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        # The reconciler waits for the driver's validation marker before any NVML call, and says so.
+        reached = wait_until_reason(rel, "waiting for the NVIDIA driver")
+        annotations = rel.core.read_node(real_node.name).metadata.annotations or {}
+        rel.notes["driver wait"] = (reached, list(host.calls()), annotations.get(keys.ANNOTATION_GPUS))
+        marker = host.file("/run/nvidia/validations/driver-ready")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("IS_HOST_DRIVER=true\nNVIDIA_DRIVER_ROOT=/\nNVIDIA_DEV_ROOT=/\n")
+        yield rel
+    finally:
+        if rel.helm("status", RELEASE, "--namespace", NAMESPACE).returncode == 0:
+            rel.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait")
+        wait_until(
+            lambda: not rel.core.list_namespaced_pod(NAMESPACE).items, 120, what="mig-guard's pods gone"
+        )
+        k8s.NodeV1Api(rel.api).delete_runtime_class("nvidia")
+        host.close()
+
+
+def wait_until_reason(release: Release, text: str, timeout: float = 120) -> str:
+    """The node's reason once it contains `text`."""
+    found: list[str] = []
+
+    def said() -> bool:
+        reason = (release.core.read_node(release.node.name).metadata.annotations or {}).get(
+            keys.ANNOTATION_REASON, ""
+        )
+        found[:] = [reason]
+        return text in reason
+
+    wait_until(said, timeout, what=f"the node's reason to say {text!r}")
+    return found[0]
 
 
 def test_install_ran_the_certificate_hooks_and_patched_the_ca_bundles(release: Release) -> None:
@@ -332,6 +393,39 @@ def test_the_reconciler_pod_applies_a_valid_layout_and_the_node_reaches_success(
 def _ready_condition(release: Release) -> str | None:
     node = release.core.read_node(release.node.name)
     return next((c.status for c in node.status.conditions or [] if c.type == "MIGConfigReady"), None)
+
+
+def test_on_a_gpu_operator_node_the_pod_waits_for_the_driver_then_runs_the_host_steps(
+    release: Release,
+) -> None:
+    # Before the marker: said on the node, no GPU read (no hardware report, which the reconciler
+    # publishes once NVML has started), no host command run.
+    reason, calls, report = release.notes["driver wait"]
+    assert "/host/run/nvidia/validations/driver-ready does not exist yet" in reason
+    assert calls == [] and report is None
+    pod = release.core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/component=reconciler")
+    assert [p.spec.runtime_class_name for p in pod.items] == ["nvidia"]
+    # The change to all-1g.5gb (a MIG mode change) ran in the pod, chrooted into the host root: the
+    # running host GPU clients of the operator's list and kubelet stopped, the CDI refresh, then
+    # the clients started again.
+    host = release.host
+    calls = host.calls()
+    assert [c for c in calls if c.startswith("systemctl stop")] == [
+        f"systemctl stop {DCGM}",
+        "systemctl stop kubelet.service",
+    ]
+    refresh = [c for c in calls if c.startswith(("nvidia-smi", "nvidia-ctk"))]
+    assert refresh[:3] == [
+        "nvidia-smi ",
+        "nvidia-ctk system create-device-nodes --control-devices --dev-root=/",
+        "nvidia-ctk cdi generate --mode=management --driver-root=/ --dev-root=/ --vendor=management.nvidia.com "
+        "--class=gpu --nvidia-cdi-hook-path=/usr/local/nvidia/toolkit/nvidia-cdi-hook "
+        "--output=/var/run/cdi/management.nvidia.com-gpu.yaml",
+    ]
+    assert calls.index("systemctl stop kubelet.service") < calls.index("nvidia-smi ")
+    assert calls.index("nvidia-smi ") < calls.index(f"systemctl start {DCGM}")
+    assert host.running(DCGM) and host.running("kubelet.service")
+    assert host.file("/var/run/cdi/management.nvidia.com-gpu.yaml").exists()
 
 
 @pytest.fixture

@@ -21,8 +21,12 @@ from kubernetes import client as k8s
 from kubernetes import watch
 
 from devcluster.faultproxy import FaultProxy
-from devcluster.helpers import create_gpu_node, ensure_namespace, service_account_client, wait_for_mig_state
-from devcluster.kubeconfig import kubeconfig_dict, write_kubeconfig
+from devcluster.helpers import (
+    create_gpu_node,
+    ensure_namespace,
+    service_account_kubeconfig,
+    wait_for_mig_state,
+)
 from devcluster.processes import wait_until
 from migcore import keys
 from migcore.catalog import load_catalog, sanitise_product_name
@@ -287,12 +291,9 @@ class GpuNode:
 @pytest.fixture
 def reconciler_kubeconfig(workload_plane: Any, tmp_path: Path) -> Path:
     """A kubeconfig for a ServiceAccount bound to exactly `reconciler.rbac.RULES` (least privilege)."""
-    path = tmp_path / "reconciler.kubeconfig"
-    client = service_account_client(workload_plane.api, "mig-guard", "reconciler", RULES, cluster_wide=True)
-    cfg = client.configuration
-    token = cfg.api_key["authorization"]
-    ca = Path(cfg.ssl_ca_cert).read_bytes()
-    return write_kubeconfig(path, kubeconfig_dict(cfg.host, ca, user="mig-guard-reconciler", token=token))
+    return service_account_kubeconfig(
+        workload_plane.api, tmp_path / "reconciler.kubeconfig", "reconciler", RULES
+    )
 
 
 def prepare_gpus(
@@ -367,7 +368,8 @@ def gpu_node(workload_plane: Any, tmp_path: Path) -> Generator[Callable[..., Gpu
             k8s.AppsV1Api(workload_plane.api).create_namespaced_daemon_set(
                 namespace,
                 {
-                    "metadata": {"name": "device-plugin"},
+                    # Labelled as the GPU Operator labels its DaemonSets (how its namespace is found).
+                    "metadata": {"name": "device-plugin", "labels": {"app": DP_APP}},
                     "spec": {
                         "selector": {"matchLabels": {"app": DP_APP}},
                         "template": {

@@ -212,6 +212,9 @@ class Bench:
     reboots: list[str] = field(default_factory=list)
     reboot: Callable[[], None] | None = None
     slot: RolloutSlot | None = None
+    cdi: Any = field(default_factory=change.NoHost)
+    host_clients: Any = field(default_factory=change.NoHost)
+    operator: Any = field(default_factory=change.NoHost)
 
     def parts(self) -> Parts:
         return Parts(
@@ -225,6 +228,9 @@ class Bench:
             report=Report(),
             reboot=self.reboot or (lambda: self.reboots.append("reboot")),
             **({"slot": self.slot} if self.slot is not None else {}),
+            cdi=self.cdi,
+            host_clients=self.host_clients,
+            operator=self.operator,
         )
 
     def change(self, name: str, progress: Progress | None = None) -> Change:
@@ -268,8 +274,19 @@ def bench(initial: str | None = "all-3g", faults: str | None = None) -> Bench:
 
 
 def test_every_phase_says_what_a_failure_and_a_restart_in_it_do() -> None:
-    assert [p.value for p in Phase] == ["starting", "pausing", "evicting", "applying", "rebooting"]
-    assert all(p.on_failure is OnFailure.ROLL_BACK for p in Phase)
+    assert [p.value for p in Phase] == [
+        "starting",
+        "pausing",
+        "evicting",
+        "stopping-host-clients",
+        "applying",
+        "publishing",
+        "rebooting",
+    ]
+    # Only once the GPUs hold the new layout (the CDI refresh) does a failure keep it.
+    assert {p: p.on_failure for p in Phase if p.on_failure is not OnFailure.ROLL_BACK} == {
+        Phase.PUBLISHING: OnFailure.KEEP_LAYOUT
+    }
     assert {p: p.on_restart for p in Phase if p.on_restart is not OnRestart.RESUME} == {
         Phase.REBOOTING: OnRestart.CHECK_REBOOT
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -15,11 +16,13 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from devcluster.controlplane import ControlPlane
-from devcluster.helpers import node_bound_client, service_account_client
+from devcluster.helpers import create_gpu_node, node_bound_client, service_account_client
 from devcluster.kubeconfig import token_client
+from devcluster.processes import wait_until
 from devcluster.pytest_plugin import KubectlRunner
 from migcore import keys
 from reconciler.rbac import RULES
+from webhook import node_policy
 
 STATUS_TYPO = {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-1g.5gbb"}}}
 STATUS_SPOOF = {
@@ -166,3 +169,57 @@ def test_a_reconciler_token_bound_to_no_node_is_refused(
     assert "its token is not bound to a node" in message
     assert "allowUnboundTokens" in message
     assert keys.LABEL_MIG_STATE not in read_node(webhook.api, name).metadata.labels
+
+
+def test_with_a_default_layout_a_reconciler_may_give_it_to_its_own_unlabelled_node_only(
+    webhook: Deployment, reconciler_account: str
+) -> None:
+    # The policy as the chart renders it with reconciler.defaultMigConfig=all-disabled, bound to
+    # nodes of this test only (the Deployment's own policy, without a default, does not select them).
+    admission: Any = k8s.AdmissionregistrationV1Api(webhook.api)
+    name = f"{webhook.policy_name}-default"
+    scope = {"mig-guard.io/e2e-default": name}
+    admission.create_validating_admission_policy(
+        node_policy.node_writers_policy(name, webhook.reconciler_users, default_config="all-disabled")
+    )
+    admission.create_validating_admission_policy_binding(
+        node_policy.node_writers_binding(name, name, {"matchLabels": scope})
+    )
+    try:
+        unlabelled, labelled = (f"{prefix}-{uuid.uuid4().hex[:6]}" for prefix in ("unlabelled", "labelled"))
+        create_gpu_node(webhook.api, unlabelled, labels=scope, fake=False)
+        create_gpu_node(
+            webhook.api, labelled, labels={**scope, keys.LABEL_MIG_CONFIG: "all-1g.5gb"}, fake=False
+        )
+        give = {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-disabled"}}}
+
+        def as_reconciler_on(node: str) -> Any:
+            return k8s.CoreV1Api(node_bound_client(webhook.api, NAMESPACE, reconciler_account, node))
+
+        def another_value_refused() -> bool:
+            other = {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: "all-7g.40gb"}}}
+            if _refused(lambda: as_reconciler_on(unlabelled).patch_node(unlabelled, other)):
+                return True
+            # Allowed before the policy was in force: unlabel again, or the next try changes nothing.
+            unlabel = {"metadata": {"labels": {keys.LABEL_MIG_CONFIG: None}}}
+            k8s.CoreV1Api(webhook.api).patch_node(unlabelled, unlabel)
+            return False
+
+        # Another value is refused (until the policy is in force, the API server may still allow it).
+        wait_until(another_value_refused, 30, what="the default-layout policy in force")
+        message = forbidden(lambda: as_reconciler_on(labelled).patch_node(labelled, give))
+        assert f"may not change {keys.LABEL_MIG_CONFIG}" in message  # the admin's layout stays theirs
+        as_reconciler_on(unlabelled).patch_node(unlabelled, give)
+        assert read_node(webhook.api, unlabelled).metadata.labels[keys.LABEL_MIG_CONFIG] == "all-disabled"
+        assert read_node(webhook.api, labelled).metadata.labels[keys.LABEL_MIG_CONFIG] == "all-1g.5gb"
+    finally:
+        admission.delete_validating_admission_policy_binding(name)
+        admission.delete_validating_admission_policy(name)
+
+
+def _refused(call: Any) -> bool:
+    try:
+        call()
+    except ApiException as exc:
+        return exc.status == 403
+    return False

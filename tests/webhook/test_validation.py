@@ -291,3 +291,62 @@ def test_product_label_spellings(rules: NodeRules, config_view: ConfigView) -> N
         verdict = rules.judge(change(node(), new), "admin", config_view)
         assert verdict.allowed, (product, verdict)
         assert not verdict.warnings, (product, verdict.warnings)
+
+
+# --- the device plugin's MIG strategy ------------------------------------------------------------------
+
+
+def test_under_the_single_strategy_a_mixed_layout_is_denied_naming_what_the_device_plugin_would_do(
+    rules: NodeRules, config_view: ConfigView
+) -> None:
+    single = {keys.LABEL_MIG_STRATEGY: "single"}
+    verdict = rules.judge(
+        change(labelled(None, **single), labelled("all-balanced", **single)), "admin", config_view
+    )
+    assert not verdict.allowed and verdict.code == 400
+    message = verdict.message
+    assert message.startswith('nvidia.com/mig.config="all-balanced" does not suit node gpu-1: ')
+    assert "nvidia.com/mig.strategy=single needs one MIG profile on every GPU" in message
+    assert "the MIG devices would be of 3 profiles (1g.5gb, 2g.10gb, 3g.20gb)" in message
+    assert "device plugin would refuse the node's MIG devices" in message and "-MIG-INVALID" in message
+    suggested = message.split("Valid for this node:")[1]
+    assert "all-1g.5gb" in suggested and "all-balanced" not in suggested
+    # MIG on without any device is as invalid to the device plugin; one profile, or MIG off, is fine.
+    assert (
+        "no MIG device"
+        in rules.judge(
+            change(labelled(None, **single), labelled("all-enabled", **single)), "admin", config_view
+        ).message
+    )
+    for fine in ("all-1g.5gb", "all-disabled", "all-3g.20gb"):
+        assert rules.judge(
+            change(labelled(None, **single), labelled(fine, **single)), "admin", config_view
+        ).allowed
+
+
+def test_the_mixed_strategy_takes_any_layout_and_the_strategy_is_the_one_before_the_request(
+    rules: NodeRules, config_view: ConfigView
+) -> None:
+    mixed = {keys.LABEL_MIG_STRATEGY: "mixed"}
+    assert rules.judge(
+        change(labelled(None, **mixed), labelled("all-balanced", **mixed)), "admin", config_view
+    ).allowed
+    # Relabelling the strategy in the same request does not pick the verdict.
+    single = {keys.LABEL_MIG_STRATEGY: "single"}
+    assert not rules.judge(
+        change(labelled(None, **single), labelled("all-balanced", **mixed)), "admin", config_view
+    ).allowed
+
+
+def test_with_a_default_layout_a_reconciler_may_set_only_that_and_only_where_there_is_none(
+    resolver: HardwareResolver, config_view: ConfigView
+) -> None:
+    rules = NodeRules(resolver, [RECONCILER], allow_unbound=True, default_config="all-disabled")
+    assert rules.judge(change(labelled(None), labelled("all-disabled")), RECONCILER, config_view).allowed
+    for old, new in ((None, "all-1g.5gb"), ("all-1g.5gb", "all-disabled"), ("all-disabled", None)):
+        verdict = rules.judge(change(labelled(old), labelled(new)), RECONCILER, config_view)
+        assert not verdict.allowed and f"may not change {keys.LABEL_MIG_CONFIG}" in verdict.message
+    without = NodeRules(resolver, [RECONCILER], allow_unbound=True)
+    assert not without.judge(
+        change(labelled(None), labelled("all-disabled")), RECONCILER, config_view
+    ).allowed
