@@ -44,24 +44,33 @@ def follow(
     on_error: Callable[[BaseException], None] | None = None,
     backoff: Backoff = DEFAULT_BACKOFF,
     watch_seconds: int = WATCH_SECONDS,
+    label_selector: str | None = None,
+    start_version: str | None = None,
 ) -> None:
     """Follow the objects `list_call(*args, field_selector=...)` lists until `stop` is set: each
     (re)list is given to `on_list`, each watch event after it to `on_event(type, object)` (ADDED,
     MODIFIED, DELETED; bookmarks are only used to resume). `what` names them in logs; `on_error`
-    hears of every failure (the loop goes on)."""
+    hears of every failure (the loop goes on). `label_selector` narrows both too. `start_version`:
+    the caller has just listed at that resourceVersion; the first watch starts there, unlisted."""
     delay = backoff.first
+    selectors = {"field_selector": field_selector}
+    if label_selector is not None:
+        selectors["label_selector"] = label_selector
     while not stop.is_set():
         try:
-            listed = list_call(*args, field_selector=field_selector)
-            on_list(list(listed.items or ()))
-            delay = backoff.first
-            version = listed.metadata.resource_version
+            if start_version:
+                version, start_version = start_version, None
+            else:
+                listed = list_call(*args, **selectors)
+                on_list(list(listed.items or ()))
+                delay = backoff.first
+                version = listed.metadata.resource_version
             while not stop.is_set():
                 w: Any = watch.Watch()  # type: ignore[no-untyped-call]
                 for event in w.stream(
                     list_call,
                     *args,
-                    field_selector=field_selector,
+                    **selectors,
                     resource_version=version,
                     allow_watch_bookmarks=True,
                     timeout_seconds=watch_seconds,

@@ -11,9 +11,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mig_guard.commands import certs, check, demo, hardware, plan, profiles, reconcile, uninstall, webhook
+from mig_guard.commands import (
+    certs,
+    check,
+    demo,
+    hardware,
+    plan,
+    profiles,
+    reconcile,
+    rollout,
+    uninstall,
+    webhook,
+)
 
-COMMANDS = (check, profiles, hardware, webhook, reconcile, plan, certs, uninstall, demo)
+COMMANDS = (check, profiles, hardware, webhook, reconcile, plan, certs, rollout, uninstall, demo)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -51,6 +51,17 @@ TAINT_EFFECT: Final = "NoSchedule"
 # Node condition shown by `kubectl describe node`.
 CONDITION_READY: Final = "MIGConfigReady"
 
+# The rollout budget (reconciler.rollout): coordination.k8s.io Leases in the release namespace,
+# labelled with their role (a slot, a failed change, the pause switch) and the pool they count in.
+LABEL_ROLLOUT: Final = PREFIX + "rollout"
+LABEL_POOL: Final = PREFIX + "pool"
+ROLLOUT_SLOT: Final = "slot"
+ROLLOUT_FAILED: Final = "failed"
+ROLLOUT_PAUSE: Final = "pause"
+PAUSE_LEASE: Final = "mig-guard-rollout-pause"
+# What a failed change's Lease says: the layout and why it failed.
+ANNOTATION_ROLLOUT_CONFIG: Final = PREFIX + "config"
+
 STATE_PENDING: Final = "pending"
 STATE_REBOOTING: Final = "rebooting"
 STATE_SUCCESS: Final = "success"

@@ -3,6 +3,8 @@ how it ends.
 
 The steps, in order (one method each; the phase is recorded before the step acts):
 
+    take_slot          STARTING              a rollout slot of the node's pool (`reconciler.rollout`),
+                                             or the node waits, not held (`wait`): nothing recorded
     begin              STARTING -> PAUSING   hold the node, pause the GPU operands, record: one Node write
     announce                                 the plan and the pods it moves, in an Event
     drain_operands     PAUSING               wait for the paused operands' pods to leave the node (a
@@ -20,8 +22,10 @@ The steps, in order (one method each; the phase is recorded before the step acts
                                              set the other pending modes, record
     finish                                   the host side of the exit (`close_out`), then operands
                                              back, hold lifted, GPUs published, state reported: one
-                                             Node write
-    reboot                                   the host, once per change (after `prepare_reboot`)
+                                             Node write; then the slot freed (a failure recorded
+                                             against the pool first)
+    reboot                                   the host, once per change (after `prepare_reboot`), its
+                                             slot kept over the reboot
 
 What happens in each phase is decided by the phase itself (`Phase.on_failure`, `Phase.on_restart`),
 never by comparing names, so a new step must say it:
@@ -43,13 +47,22 @@ never by comparing names, so a new step must say it:
   started at the end), and GPUs that already hold the layout leave only the exit to do, whose
   CDI refresh runs because the record says the GPUs were touched. Whatever the phase, a label
   removed or a config no longer usable rolls back instead (`abandon`, `reject`).
+- The rollout slot: taken first, in STARTING, before anything is held or recorded, so a change
+  that waits leaves nothing to undo, and a restart there simply asks again. It is renewed while
+  the change runs and checked before each disruptive step (evicting, applying): a slot lost (its
+  Lease expired unrenewed and another node took it) stops the change there, like an API error:
+  rolled back, retried, waiting again. It is freed in every way a change ends (`finish`, and
+  `release` for settle, reject and abandon), after the node's last write, so a node is never held
+  without a slot. Every phase's restart takes it again first: the agent's own Lease if it still
+  stands (a quick restart, a host reboot: REBOOTING stretches it over the reboot), else a free
+  slot, waiting held if there is none (its GPUs may be half-way).
 - Every exit (a change finishing, `settle`, `reject`, `abandon`) runs `close_out` before the
   operands come back: the CDI refresh when the GPUs were touched (or a refresh is owed), the
   recorded host GPU clients started, the operator validator restarted.
 
 The collaborators (the Node, the GPU operands, the evictor, the GPUs, the workload finder, the
-record's store, the hardware report, the host's CDI and GPU clients, the operator's validators)
-come in through `Parts`, so each step runs without an API
+record's store, the hardware report, the host's CDI and GPU clients, the operator's validators,
+the rollout slot) come in through `Parts`, so each step runs without an API
 server in the unit tests (tests/reconciler/test_change.py).
 """
 
@@ -82,6 +95,7 @@ from reconciler.metrics import Metrics
 from reconciler.node_state import NodeEdit, now_rfc3339
 from reconciler.operands import OperandTimeoutError, to_pause
 from reconciler.operands import describe as describe_operands
+from reconciler.rollout import UNLIMITED, RolloutSlot, SlotLostError, Waiting
 from reconciler.workloads import PodRef
 
 log = logging.getLogger(__name__)
@@ -346,6 +360,7 @@ class Parts:
     cdi: CdiDevices = field(default_factory=NoHost)
     host_clients: HostGpuClients = field(default_factory=NoHost)
     operator: OperatorPods = field(default_factory=NoHost)
+    slot: RolloutSlot = UNLIMITED
 
 
 class BusyGpuError(Exception):
@@ -477,6 +492,8 @@ def release(
     if not parts.store.on_node:
         parts.store.clear()
     parts.report.written()
+    if progress is not None:  # an interrupted change ends here: its slot too
+        parts.slot.release(succeeded=state == keys.STATE_SUCCESS)
 
 
 def settle(parts: Parts, progress: Progress | None, reason: str, layout: str) -> None:
@@ -516,6 +533,7 @@ class Outcome:
     reason: str
     api_failure: BaseException | None = None
     newer: bool = False
+    waiting: bool = False  # no rollout slot: nothing was done, the node waits
 
 
 def _indexes(gpus: Sequence[GpuPlan]) -> str:
@@ -550,6 +568,7 @@ class Change:
         self.result = result
         self.plan = plan
         self.note = ""
+        self.resumed = progress is not None  # a change in flight: the node is held already
         if progress is None:
             progress = Progress(config=name, config_digest=digest, before=dict(current))
         elif progress.config != name:
@@ -573,6 +592,9 @@ class Change:
     def run(self) -> Outcome:
         """Every step in order; whatever fails, the GPUs end as before or as planned (see above)."""
         started = time.monotonic()
+        waiting = self.take_slot()
+        if waiting is not None:
+            return self.wait(waiting)
         outcome = Outcome(keys.STATE_FAILED, "")
         try:
             if self.progress.phase.on_restart is OnRestart.CHECK_REBOOT:  # resumed in that phase
@@ -601,6 +623,9 @@ class Change:
         except API_ERRORS as exc:
             log.warning("change to %s failed: %s", self.name, exc)
             outcome = Outcome(keys.STATE_FAILED, f"{self.name} not applied: {describe(exc)}", exc)
+        except SlotLostError as exc:  # no verdict on the layout either: retried, waiting again
+            log.warning("change to %s stopped: %s", self.name, exc)
+            outcome = Outcome(keys.STATE_FAILED, f"{self.name} not applied: {exc}", exc)
         except Exception as exc:
             log.exception("change to %s failed", self.name)
             outcome = Outcome(keys.STATE_FAILED, f"{self.name} not applied: unexpected error: {exc}")
@@ -616,6 +641,28 @@ class Change:
         return outcome
 
     # --- the steps ------------------------------------------------------------------------------------
+
+    def take_slot(self) -> Waiting | None:
+        """The node's rollout slot (None: held now), else why it waits. An API error here leaves
+        everything as it was and goes to the loop, which retries."""
+        return self.parts.slot.take()
+
+    def wait(self, waiting: Waiting) -> Outcome:
+        """No slot: the node says why it waits (when that is due: not at every handover of a slot)
+        and is not held, so it keeps running what it runs and takes new pods; a change in flight
+        (resumed, its GPUs maybe half-way) stays held."""
+        if waiting.report:
+            self.parts.node.apply(
+                NodeEdit(
+                    state=keys.STATE_PENDING,
+                    reason=join(waiting.reason, self.note),
+                    lift_hold=not self.resumed,
+                    condition_reason=waiting.condition_reason,
+                )
+            )
+        elif not self.resumed:
+            self.parts.node.apply(NodeEdit(lift_hold=True))  # a hold taken meanwhile (a webhook's)
+        return Outcome(keys.STATE_PENDING, waiting.reason, waiting=True)
 
     def check_reboot(self) -> None:
         """After the host reboot: every mode change it was for must be active now."""
@@ -695,6 +742,7 @@ class Change:
             log.info("deleted validator pods: %s", ", ".join(removed))
 
     def evict(self, movers: Sequence[PodRef]) -> None:
+        self.parts.slot.check()
         if movers:
             self._step(
                 Phase.EVICTING, "Evicting", f"evicting {len(movers)} pods: {', '.join(map(str, movers))}"
@@ -734,6 +782,7 @@ class Change:
     def apply(self) -> Outcome:
         """The plan, GPU by GPU (each rolled back by itself if it fails), then read back whole."""
         changed = self.plan.changed
+        self.parts.slot.check()
         self.progress.gpus_touched = True  # recorded with the step: every exit refreshes CDI then
         self._step(
             Phase.APPLYING,
@@ -780,6 +829,7 @@ class Change:
         pod on any GPU is evicted first (PodDisruptionBudgets respected), or there is no reboot.
         Then the pending MIG mode is set on every other GPU whose mode changes, so that the one
         reboot activates them all."""
+        self.parts.slot.check()
         everyone = self.parts.workloads.usage(self._device_places()).pods()
         if everyone:
             pods = ", ".join(map(str, everyone))
@@ -842,6 +892,13 @@ class Change:
         if not self.parts.store.on_node:
             self.parts.store.clear()
         self.parts.report.written()
+        if not newer:  # the node is released: so is its slot (kept for the newer layout)
+            verdict = outcome.state == keys.STATE_FAILED and outcome.api_failure is None
+            self.parts.slot.release(
+                failed=outcome.reason if verdict else None,
+                succeeded=outcome.state == keys.STATE_SUCCESS,
+                config=self.name,
+            )
         self.parts.metrics.outcomes.labels(outcome=outcome.state).inc()
         self.parts.metrics.reconcile_seconds.observe(time.monotonic() - started)
         return replace(outcome, newer=bool(newer))
@@ -849,6 +906,7 @@ class Change:
     def reboot(self, started: float) -> Outcome:
         """The host, once; if that fails, never stay in "rebooting" with the operands paused."""
         try:
+            self.parts.slot.keep_through_reboot()
             self.parts.reboot()
         except Exception as exc:
             log.exception("reboot failed")

@@ -69,6 +69,7 @@ from reconciler.operands import AUTO_NAMESPACE, Operands
 from reconciler.ownership import claim_report
 from reconciler.pod_usage import DEFAULT_INTERVAL_SECONDS, UsagePublisher
 from reconciler.progress import NodeProgressStore
+from reconciler.rollout import UNLIMITED, Rollout, RolloutSettings, RolloutSlot
 from reconciler.workloads import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET, WorkloadFinder
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Wake(enum.StrEnum):
     LABEL = "label"  # the layout label changed
     CONFIG = "config"  # the mig-parted config changed
     PODS = "pods"  # a GPU pod came, went or changed: the usage report is refreshed (rate-bounded)
+    SLOT = "slot"  # a rollout slot may have freed for this waiting node
 
     @property
     def fresh_look(self) -> bool:
@@ -121,6 +123,8 @@ class Settings:
     api_timeout_seconds: float = 60.0
     # At most one write of the pods' usage (mig-guard.io/usage) per this many seconds of pod churn.
     usage_interval: float = DEFAULT_INTERVAL_SECONDS
+    # The rollout budget per pool (None: every change starts at once).
+    rollout: RolloutSettings | None = None
     # The GPU Operator's driver validation marker, waited for before the first NVML call ("": none).
     driver_ready_file: str = ""
     # The host's root filesystem in this container, where host commands run (chroot).
@@ -207,6 +211,13 @@ class Reconciler:
         self.reboot = reboot or self._default_reboot()
         self.hardware = HardwarePublisher(self.node, self.metrics)
         self.usage = UsagePublisher(self.node, self.finder, self._device_places, settings.usage_interval)
+        self.rollout = (
+            Rollout(
+                self.api, settings.rollout, settings.node_name, lambda: self.wake(Wake.SLOT), self.metrics
+            )
+            if settings.rollout is not None
+            else None
+        )
         self._wakes: queue.Queue[Wake] = queue.Queue()
         # The change that failed last: (config, config digest, GPUs before). It is retried on a
         # fresh look (a resync, a restart), not on every wake (a config edit changes the digest).
@@ -224,8 +235,10 @@ class Reconciler:
 
         return simulated_reboot
 
-    def parts(self) -> Parts:
-        """What a change acts on (built per reconcile: the GPUs and the catalog may be swapped)."""
+    def parts(self, pool: str = "") -> Parts:
+        """What a change acts on (built per reconcile: the GPUs and the catalog may be swapped;
+        the rollout slot is the one of the node's pool, the value of its pool label now)."""
+        slot: RolloutSlot = self.rollout.for_pool(pool) if self.rollout is not None else UNLIMITED
         return Parts(
             node=self.node,
             gpus=self.access,
@@ -236,6 +249,7 @@ class Reconciler:
             metrics=self.metrics,
             report=Reports((self.hardware.report(self.access, self.catalog), self.usage)),
             reboot=self.reboot,
+            slot=slot,
             cdi=self.cdi,
             host_clients=self.host_clients,
             operator=self.operands,
@@ -309,6 +323,8 @@ class Reconciler:
                     log.info("retrying in %.0fs", backoff)
                     backoff = min(backoff * 2, RETRY_MAX_SECONDS)
         finally:
+            if self.rollout is not None:
+                self.rollout.close()
             self.access.stop()
 
     def wait_for_driver(self, stop: threading.Event) -> bool:
@@ -435,6 +451,31 @@ class Reconciler:
 
     def reconcile(self, why: Wake | str | Collection[Wake | str]) -> None:
         whys = wakes(why)
+        if self.rollout is None:
+            self._reconcile(whys)
+            return
+        # Whatever this reconcile ends in, except waiting for a slot or a change still holding its
+        # node (a newer layout next, a reboot), this node neither waits nor holds a slot after it;
+        # after an error too (a slot held with no change in flight would be renewed for nothing).
+        outcome: change.Outcome | None = None
+        ended = False
+        try:
+            outcome = self._reconcile(whys)
+            ended = True
+        finally:
+            if ended and (outcome is None or not outcome.waiting):
+                self.rollout.stop_waiting()
+            keeps = outcome is not None and (outcome.newer or outcome.state == keys.STATE_REBOOTING)
+            held = self.rollout.held
+            if not keeps and held is not None:
+                try:
+                    in_flight = self.store.load() is not None
+                except API_ERRORS:
+                    in_flight = True  # cannot tell: keep it (it expires if this agent dies)
+                if not in_flight:
+                    self.rollout.release(held.pool)
+
+    def _reconcile(self, whys: frozenset[Wake]) -> change.Outcome | None:
         progress = self.store.load()
         fresh = any(w.fresh_look for w in whys)
         # The GPUs first: the webhook judges the first label with them (on a fresh look, the
@@ -456,23 +497,26 @@ class Reconciler:
         if progress is None and fresh and claim_report(self.node, node, name):
             labels.pop(keys.LABEL_MIG_STATE, None)  # removed: what follows reports what is true
             annotations.pop(keys.ANNOTATION_REASON, None)
-        parts = self.parts()
+        if self.rollout is not None and progress is None and Wake.START in whys:
+            self.rollout.release_stale()  # a slot left by an agent killed after its change ended
+        pool = labels.get(self.settings.rollout.pool_label, "") if self.settings.rollout is not None else ""
+        parts = self.parts(pool)
         if not name:
             if progress is None and self._give_default(report, labels):
-                return  # the label's watch wakes the loop to apply it
+                return None  # the label's watch wakes the loop to apply it
             self._no_layout(parts, progress, labels, annotations)
-            return
+            return None
         try:
             config = self.source.load()
         except ConfigError as exc:
             reason = f"cannot use the mig-parted config ({self.source.describe()}): {'; '.join(exc.errors)}"
             self._reject(parts, name, reason, progress=progress, labels=labels, annotations=annotations)
-            return
+            return None
         result = check_config(config, name, hardware_from_report(self.catalog, report))
         if not result.valid:
             reason = f"config {name} cannot be applied on this node: {'; '.join(result.errors)}"
             self._reject(parts, name, reason, progress=progress, labels=labels, annotations=annotations)
-            return
+            return None
         current = self.access.geometries()
         targets = change.target_layouts(result, current, progress)
         if labels.get(keys.LABEL_MIG_STRATEGY) == STRATEGY_SINGLE:
@@ -480,7 +524,7 @@ class Reconciler:
             if problem is not None:
                 reason = f"config {name} cannot be applied on this node: {problem}"
                 self._reject(parts, name, reason, progress=progress, labels=labels, annotations=annotations)
-                return
+                return None
         plan = plan_node(current, targets)
         if not plan.changed:
             self._failed = None
@@ -488,13 +532,13 @@ class Reconciler:
             owed = self.cdi.owed() is not None and self.cdi.enabled()
             if owed or not _already_reported(keys.STATE_SUCCESS, reason, progress, labels, annotations):
                 change.settle(parts, progress, reason, name)
-            return
+            return None
         attempt = (name, config.digest, _fingerprint(current))
         # An edited config or another label value is another attempt (its key differs); the same
         # attempt again only on a fresh look.
         if progress is None and self._failed == attempt and not fresh:
             log.debug("%s failed on these GPUs already; waiting for a resync or a change", name)
-            return
+            return None
         outcome = Change(
             parts,
             self.settings,
@@ -505,6 +549,8 @@ class Reconciler:
             current=current,
             progress=progress,
         ).run()
+        if outcome.waiting:
+            return outcome
         if outcome.state != keys.STATE_REBOOTING:
             # An API failure is no verdict on the config: the loop retries it soon (below).
             verdict = outcome.state == keys.STATE_FAILED and outcome.api_failure is None
@@ -513,6 +559,7 @@ class Reconciler:
             self.wake(Wake.LABEL)
         if outcome.api_failure is not None:
             raise outcome.api_failure
+        return outcome
 
     def _give_default(self, report: NodeGpus, labels: Mapping[str, str]) -> bool:
         """With a default layout configured, label a MIG-capable node that has no layout with it

@@ -1,7 +1,8 @@
 """Prometheus metrics and the health endpoint of the node agent.
 
-`/metrics`: reconcile duration, outcomes, MIG instances per profile, evictions, and where the
-driver's MIG table disagrees with the catalog.
+`/metrics`: reconcile duration, outcomes, MIG instances per profile, evictions, where the
+driver's MIG table disagrees with the catalog, and whether the node waits for or holds a rollout
+slot of its pool.
 `/healthz`: 200 while the reconcile loop is alive (it beats at least once per resync period),
 503 otherwise, so a wedged agent gets restarted by its liveness probe.
 """
@@ -53,6 +54,19 @@ class Metrics:
             "Differences between the driver's MIG table and mig-guard's catalog, per GPU (a catalog"
             " error or a new driver; the driver's table is what verdicts use)",
             ["gpu", "product"],
+            registry=self.registry,
+        )
+        # Each reconciler says 1 for its own node: summed by pool, the fleet's figures.
+        self.rollout_waiting = Gauge(
+            "mig_guard_rollout_waiting",
+            "1 while this node waits to start a change (no rollout slot free, its pool stopped, rollouts paused)",
+            ["pool"],
+            registry=self.registry,
+        )
+        self.rollout_active = Gauge(
+            "mig_guard_rollout_active",
+            "1 while this node holds a rollout slot of its pool (its change runs)",
+            ["pool"],
             registry=self.registry,
         )
         self._beat = time.monotonic()

@@ -24,6 +24,17 @@ RULES: Final[tuple[dict[str, Any], ...]] = (
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]},
 )
 
+# With a rollout budget (reconciler.rollout), in the release namespace only (a Role): slots, failed
+# changes and the pause switch are Leases there. Their names are made per pool and node, so RBAC
+# cannot narrow them by name.
+ROLLOUT_RULES: Final[tuple[dict[str, Any], ...]] = (
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["get", "list", "watch", "create", "update", "delete"],
+    },
+)
+
 # In the GPU Operator's namespace only (a Role there): its validator pods deleted, its host GPU
 # clients list read by name.
 OPERATOR_RULES: Final[tuple[dict[str, Any], ...]] = (

@@ -50,7 +50,7 @@ class AdmissionHandler:
     def __init__(
         self,
         rules: NodeRules,
-        hold: HoldMode,
+        hold: HoldMode | None,
         guard: ConfigMapGuard | None,
         clock: Callable[[], str] = rfc3339_now,
         impact: ImpactPreview | None = None,

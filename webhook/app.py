@@ -99,8 +99,9 @@ def _answer(endpoint: str) -> Response:
         state.metrics.requests.labels(endpoint, "malformed").inc()
         return _error(400, f"malformed AdmissionReview: {exc}")
     answer = verdict.to_review(review.uid)
+    elapsed = time.perf_counter() - started
     state.metrics.requests.labels(endpoint, verdict.label).inc()
-    state.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+    state.metrics.latency.labels(endpoint).observe(elapsed)
     fields: dict[str, Any] = {
         "endpoint": endpoint,
         "uid": review.uid,
@@ -110,6 +111,7 @@ def _answer(endpoint: str) -> Response:
         "user": review.username,
         "dryRun": review.dry_run,
         "verdict": verdict.label,
+        "ms": round(elapsed * 1000, 2),
     }
     if not verdict.allowed:
         fields["code"] = verdict.code
@@ -235,7 +237,8 @@ def build_state(settings: WebhookSettings, metrics: WebhookMetrics) -> WebhookSt
         allow_unbound=settings.allow_unbound_reconciler_tokens,
         default_config=settings.default_mig_config,
     )
-    handler = AdmissionHandler(rules, settings.hold, guard, impact=ImpactPreview(hardware))
+    hold = settings.hold if settings.admission_hold else None
+    handler = AdmissionHandler(rules, hold, guard, impact=ImpactPreview(hardware))
     return WebhookState(settings, metrics, source, handler)
 
 

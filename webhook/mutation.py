@@ -6,6 +6,10 @@ did in `mig-guard.io/hold` plus a sentence in `mig-guard.io/reason`. Idempotent:
 its own output the patch is empty (the API server may invoke it again, `reinvocationPolicy:
 IfNeeded`). Never denies: the validating webhook does.
 
+With no hold at admission (`--no-admission-hold`, set with a rollout budget), only the state and
+the reason: the reconciler holds the node itself when its turn comes (`reconciler.rollout`), so a
+push to a whole pool does not hold every node of it at once.
+
 Two writes get less:
 - CREATE is held by the taint in either mode. A hold record in a new object cannot be told apart
   from the creator's (the API server sends a re-invocation the same way), so none is trusted,
@@ -70,8 +74,11 @@ def _map_ops(field: str, current: Mapping[str, str], wanted: Mapping[str, str]) 
     return [{"op": "add", "path": pointer("metadata", field, k), "value": v} for k, v in missing.items()]
 
 
-def mutation_patch(change: NodeChange, mode: HoldMode, creating: bool, now: str) -> list[PatchOperation]:
-    """The patch for an accepted change (the caller checked that validation allows it).
+def mutation_patch(
+    change: NodeChange, mode: HoldMode | None, creating: bool, now: str
+) -> list[PatchOperation]:
+    """The patch for an accepted change (the caller checked that validation allows it); `mode`
+    None: no hold at admission.
 
     `now` is the RFC 3339 time written into a new hold record; an equivalent record already on
     the node is kept as it is, so a second invocation yields no patch.
@@ -82,7 +89,7 @@ def mutation_patch(change: NodeChange, mode: HoldMode, creating: bool, now: str)
     config = node.mig_config
     ops: list[PatchOperation] = []
     ops += _map_ops("labels", node.labels, {keys.LABEL_MIG_STATE: keys.STATE_PENDING})
-    if change.status:
+    if change.status or mode is None:
         return ops + _map_ops(
             "annotations", node.annotations, {keys.ANNOTATION_REASON: pending_reason(config)}
         )

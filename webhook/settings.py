@@ -32,6 +32,9 @@ class WebhookSettings:
     default_mig_config: str = ""
     kubeconfig: Path | None = None
     hold: HoldMode = HoldMode.TAINT
+    # Hold the node in the admin's own write (off with a rollout budget: the reconciler holds it
+    # when its rollout slot is free).
+    admission_hold: bool = True
     configmap_guard: GuardMode = GuardMode.DENY
     workers: int = 2
     # Request threads per worker: a stalled client holds one for up to read_timeout; with a single

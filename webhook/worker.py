@@ -10,6 +10,13 @@ connection that sends nothing goes back to the poller, which costs no thread), a
 socket read and write of the handshake and the request by `read_timeout`. The settings arrive in
 `post_fork`.
 
+Spare connections. After the handshake the worker waits `first_data_wait` again for the
+request: in a burst the API server's HTTP client dials more connections than it then uses and
+keeps the spares idle. gthread would read each spare until `read_timeout` in a request thread; a
+handful of spares took every thread and admission stopped until the API server's own timeout
+failed the writes (bench/bench_fleet.py, a push to 40 nodes). A spare goes back to the poller like
+a kept-alive connection.
+
 Closing. gthread closes a connection after a `Connection: close` answer by waiting, on the thread
 that polls every kept-alive connection, up to 2 s for the client to close its side: meanwhile no
 other client's request is read, and one that arrives on a connection whose keep-alive time ends
@@ -102,10 +109,25 @@ class BoundedConn(gthread.TConn):  # type: ignore[misc]
         return bool(super().wait_for_data(min(timeout, self.first_data_wait)))
 
     def init(self) -> None:
+        handshake = not self.initialized and self.cfg.is_ssl
         try:
             super().init()
         except TimeoutError as exc:  # the TLS handshake stalled: gunicorn closes quietly on this
             raise StopIteration("TLS handshake timed out") from exc
+        if handshake and not self._request_arrives():
+            raise SpareConnection
+
+    def _request_arrives(self) -> bool:
+        """Whether the first request's bytes are here, or arrive within `first_data_wait`."""
+        if self.sock.pending():  # decrypted already, behind the handshake
+            return True
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            return bool(selector.select(timeout=self.first_data_wait))
+
+
+class SpareConnection(BaseException):  # not an Exception: gthread's handler must not see it
+    """A TLS connection whose client sent no request after the handshake (see the module)."""
 
 
 def _raw(sock: Any) -> Any:
@@ -142,6 +164,15 @@ class BoundedThreadWorker(gthread.ThreadWorker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.closing: deque[_Closing] = deque()  # in deadline order (each gets now + CLOSE_LINGER)
         self.linger_until: float | None = None  # set when the drain begins
+
+    def handle(self, conn: Any) -> Any:
+        """gthread's handle; a spare connection goes back to the poller (its thread is free), and
+        its first request is read when it arrives."""
+        try:
+            return super().handle(conn)
+        except SpareConnection:
+            conn.data_ready = False
+            return gthread._DEFER
 
     def accept(self, listener: Any) -> bool:
         """gthread's accept, with a BoundedConn; False when no connection was waiting."""

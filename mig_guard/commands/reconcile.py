@@ -30,6 +30,7 @@ from reconciler.metrics import Metrics, serve
 from reconciler.node_state import NodeState
 from reconciler.operands import AUTO_NAMESPACE
 from reconciler.progress import FileProgressStore, NodeProgressStore
+from reconciler.rollout import Budget, RolloutSettings
 from reconciler.workloads import DEFAULT_GPU_RESOURCES, DEFAULT_SOCKET
 
 
@@ -178,8 +179,59 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--host-state-dir", metavar="DIR", help="persist progress there instead of in a Node annotation"
     )
+    rollout = parser.add_argument_group(
+        "rollout budget", "at most N nodes (or N% of a pool) change at once, coordinated through Leases"
+    )
+    rollout.add_argument(
+        "--rollout-budget",
+        metavar="N|N%",
+        help="nodes of a pool that may change at the same time, e.g. 1 or 10%% (of the pool, rounded down, "
+        "at least 1); default: no budget, every change starts at once",
+    )
+    rollout.add_argument(
+        "--rollout-namespace", metavar="NS", help="where the rollout's Leases live (the release namespace)"
+    )
+    rollout.add_argument(
+        "--rollout-pool-label",
+        default=keys.LABEL_GPU_PRODUCT,
+        metavar="KEY",
+        help="nodes with the same value of this label form a pool (default %(default)s)",
+    )
+    rollout.add_argument(
+        "--rollout-failure-limit",
+        type=int,
+        default=RolloutSettings.failure_limit,
+        metavar="F",
+        help="failed changes in a pool that stop new starts there until resumed (0: never; default %(default)s)",
+    )
+    rollout.add_argument(
+        "--rollout-lease-seconds",
+        type=int,
+        default=RolloutSettings.lease_seconds,
+        metavar="S",
+        help="a slot whose holder stops renewing it frees after S seconds (default %(default)s)",
+    )
     flags.add_log_level(parser)
     parser.set_defaults(func=run)
+
+
+def rollout_settings(args: argparse.Namespace) -> RolloutSettings | None:
+    """The rollout budget the flags ask for (None: none); ValueError saying what is wrong."""
+    if not args.rollout_budget:
+        return None
+    if not args.rollout_namespace:
+        raise ValueError("--rollout-budget needs --rollout-namespace (where the rollout's Leases live)")
+    if args.rollout_failure_limit < 0:
+        raise ValueError("--rollout-failure-limit: 0 (never stop) or more")
+    if args.rollout_lease_seconds < 3:
+        raise ValueError("--rollout-lease-seconds: at least 3")
+    return RolloutSettings(
+        budget=Budget.parse(args.rollout_budget),
+        namespace=args.rollout_namespace,
+        pool_label=args.rollout_pool_label,
+        lease_seconds=args.rollout_lease_seconds,
+        failure_limit=args.rollout_failure_limit,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -196,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
             latency=args.simulated_latency,
         )
         ref = flags.configmap_ref(args) if args.configmap else None
+        rollout = rollout_settings(args)
     except ValueError as exc:
         print(f"mig-guard reconcile: {exc}", file=sys.stderr)
         return 2
@@ -228,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
         gpu_clients_configmap=args.gpu_clients_configmap,
         kubelet_service=args.kubelet_service,
         default_config=args.default_mig_config,
+        rollout=rollout,
     )
     metrics = Metrics()
     store: ProgressStore = (

@@ -3,7 +3,7 @@
     mig-guard webhook --listen HOST:PORT --tls-cert-file F --tls-key-file F
         [--mig-config-file F | --configmap NAMESPACE/NAME] [--configmap-key KEY]
         [--reconciler-user USER ...] [--allow-unbound-reconciler-tokens] [--workers N] [--kubeconfig F]
-        [--hold taint|cordon] [--configmap-guard deny|warn]
+        [--hold taint|cordon] [--no-admission-hold] [--configmap-guard deny|warn]
 
 With --mig-config-file a Node in an AdmissionReview is judged from the request alone: no
 API server is needed.
@@ -89,6 +89,13 @@ def register(sub: Any) -> None:
     parser.add_argument("--kubeconfig", type=Path, metavar="FILE")
     flags.add_hold(parser)
     parser.add_argument(
+        "--no-admission-hold",
+        dest="admission_hold",
+        action="store_false",
+        help="accept a layout change without holding the node (state pending only): with a rollout budget "
+        "the reconciler holds it when its turn comes",
+    )
+    parser.add_argument(
         "--configmap-guard", choices=[m.value for m in GuardMode], default=GuardMode.DENY.value
     )
     flags.add_log_level(parser)
@@ -110,6 +117,7 @@ def settings_from_args(args: argparse.Namespace) -> WebhookSettings:
         default_mig_config=args.default_mig_config,
         kubeconfig=args.kubeconfig,
         hold=HoldMode(args.hold),
+        admission_hold=args.admission_hold,
         configmap_guard=GuardMode(args.configmap_guard),
         workers=args.workers,
         threads=args.threads,

@@ -53,6 +53,7 @@ VARIANTS: dict[str, list[str]] = {
         "--set=reconciler.privileged=false",
         "--set=reconciler.defaultMigConfig=all-disabled",
         "--set=reconciler.rebootEnabled=true",
+        "--set=rollout.enabled=false",
     ],
     "simulated-gpus": [
         "--set=reconciler.gpuBackend=simulated",
@@ -141,6 +142,10 @@ def test_helm_lint_is_clean(helm: Run, variant: str, strict: bool) -> None:
         ("reconciler.simulatedGpus=NVIDIA-A100-SXM4-40GB", "simulatedGpus"),
         ("reconciler.simulatedGpus=NVIDIA-A100-SXM4-40GB:2", "simulatedGpus"),  # but nvml
         ("certs.renewBeforeDays=400", "renewBeforeDays"),
+        ("rollout.maxUnavailable=0", "maxUnavailable"),
+        ("rollout.maxUnavailable=150%", "maxUnavailable"),
+        ("rollout.leaseSeconds=1", "leaseSeconds"),
+        ("rollout.failureLimit=-1", "failureLimit"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(helm: Run, value: str, complaint: str) -> None:
@@ -263,6 +268,49 @@ def test_reconciler_runs_on_gpu_nodes_only_and_survives_its_own_taint(helm: Run)
     assert volumes["host-state"]["hostPath"]["type"] == "DirectoryOrCreate"
     assert container["securityContext"]["privileged"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_rollout_budget_is_on_by_default_and_both_components_agree(helm: Run) -> None:
+    """With a budget the reconciler holds a node when its slot is free, so the webhook must not hold
+    every node of a push at admission; without one the webhook holds as before."""
+    docs = render(helm, "--set=rollout.maxUnavailable=2", namespace="gpu-system")
+    reconciler = build_parser().parse_args(
+        one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert (reconciler.rollout_budget, reconciler.rollout_namespace) == ("2", "gpu-system")
+    assert (reconciler.rollout_pool_label, reconciler.rollout_failure_limit) == ("nvidia.com/gpu.product", 3)
+    webhook = build_parser().parse_args(
+        one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert webhook.admission_hold is False
+    role = one(docs, "Role", "-rollout")
+    assert role["metadata"]["namespace"] == "gpu-system"
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "list", "watch", "create", "update", "delete"],
+        }
+    ]
+    off = render(helm, "--set=rollout.enabled=false")
+    assert (
+        build_parser()
+        .parse_args(one(off, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"])
+        .rollout_budget
+        is None
+    )
+    assert (
+        build_parser()
+        .parse_args(one(off, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"])
+        .admission_hold
+    )
+    assert not [r for r in by_kind(off, "Role") if r["metadata"]["name"].endswith("-rollout")]
+    no_agent = render(helm, "--set=reconciler.enabled=false")  # nobody would hold the node later
+    assert (
+        build_parser()
+        .parse_args(one(no_agent, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"])
+        .admission_hold
+    )
 
 
 def test_reconciler_runs_nvml_as_the_gpu_operators_mig_manager_does(helm: Run) -> None:
@@ -596,6 +644,15 @@ PERMISSIONS: list[tuple[str, str, str, str | None, bool]] = [
     ("reconciler", "list", "poddisruptionbudgets.policy", "default", True),
     ("reconciler", "create", "events.events.k8s.io", "default", True),
     ("reconciler", "watch", "configmaps/{cm}", "@", True),
+    ("reconciler", "create", "leases.coordination.k8s.io", "@", True),
+    ("reconciler", "update", "leases.coordination.k8s.io", "@", True),
+    ("reconciler", "delete", "leases.coordination.k8s.io", "@", True),
+    ("reconciler", "watch", "leases.coordination.k8s.io", "@", True),
+    ("reconciler", "create", "leases.coordination.k8s.io", "kube-node-lease", False),
+    ("reconciler", "update", "leases.coordination.k8s.io", "kube-system", False),
+    ("reconciler", "list", "leases.coordination.k8s.io", ALL_NAMESPACES, False),
+    ("reconciler", "patch", "leases.coordination.k8s.io", "@", False),
+    ("webhook", "get", "leases.coordination.k8s.io", "@", False),
     ("reconciler", "delete", "nodes", None, False),
     ("reconciler", "update", "nodes", None, False),
     ("reconciler", "create", "nodes", None, False),

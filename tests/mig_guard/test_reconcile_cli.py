@@ -43,6 +43,27 @@ BASE = [sys.executable, "-m", "mig_guard.cli", "reconcile", "--node-name", "n1"]
         ),
         (["--configmap", "c.yaml", "--mig-config-file", "c.yaml"], "not allowed with"),
         ([], "one of the arguments --configmap --mig-config-file is required"),
+        (
+            ["--mig-config-file", "c.yaml", "--rollout-budget", "2"],
+            "--rollout-budget needs --rollout-namespace",
+        ),
+        (
+            ["--mig-config-file", "c.yaml", "--rollout-budget", "0%", "--rollout-namespace", "mg"],
+            "a percentage from 1% to 100%",
+        ),
+        (
+            [
+                "--mig-config-file",
+                "c.yaml",
+                "--rollout-budget",
+                "2",
+                "--rollout-namespace",
+                "mg",
+                "--rollout-failure-limit",
+                "-1",
+            ],
+            "--rollout-failure-limit: 0 (never stop) or more",
+        ),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str) -> None:

@@ -30,6 +30,7 @@ from reconciler.metrics import Metrics
 from reconciler.node_state import NodeEdit, _body
 from reconciler.nvml_sim import SimulatedNvml
 from reconciler.operands import OperandTimeoutError
+from reconciler.rollout import RolloutSlot, SlotLostError, Waiting
 from reconciler.workloads import PodRef
 
 CATALOG = load_catalog()
@@ -158,6 +159,38 @@ class Report:
 
 
 @dataclass
+class Slot:
+    """A rollout slot in memory: whether it is free, and every call with whether the node was held
+    then (the order against the Node writes is what a budget relies on)."""
+
+    node: MemoryNode
+    free: bool = True
+    lose_at_check: int = 0  # the n-th check finds the slot taken over (0: never)
+    waiting: Waiting = field(
+        default_factory=lambda: Waiting("slots", "waiting for a rollout slot (pool P: 1 of 1 in use: gpu-9)")
+    )
+    calls: list[tuple[str, bool]] = field(default_factory=list)
+    released: list[dict[str, Any]] = field(default_factory=list)
+    checks: int = 0
+
+    def take(self) -> Waiting | None:
+        self.calls.append(("take", self.node.held()))
+        return None if self.free else self.waiting
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.checks == self.lose_at_check:
+            raise SlotLostError("the rollout slot was lost (taken over): the change stops here")
+
+    def keep_through_reboot(self) -> None:
+        self.calls.append(("keep_through_reboot", self.node.held()))
+
+    def release(self, *, failed: str | None = None, succeeded: bool = False, config: str = "") -> None:
+        self.calls.append(("release", self.node.held()))
+        self.released.append({"failed": failed, "succeeded": succeeded, "config": config})
+
+
+@dataclass
 class Settings:
     hold_mode: HoldMode = HoldMode.TAINT
     operand_timeout: float = 1.0
@@ -178,6 +211,7 @@ class Bench:
     settings: Settings = field(default_factory=Settings)
     reboots: list[str] = field(default_factory=list)
     reboot: Callable[[], None] | None = None
+    slot: RolloutSlot | None = None
     cdi: Any = field(default_factory=change.NoHost)
     host_clients: Any = field(default_factory=change.NoHost)
     operator: Any = field(default_factory=change.NoHost)
@@ -193,6 +227,7 @@ class Bench:
             metrics=Metrics(),
             report=Report(),
             reboot=self.reboot or (lambda: self.reboots.append("reboot")),
+            **({"slot": self.slot} if self.slot is not None else {}),
             cdi=self.cdi,
             host_clients=self.host_clients,
             operator=self.operator,
@@ -492,3 +527,110 @@ def test_a_failed_reboot_rolls_back_and_restores_the_operands() -> None:
     assert b.gpus.geometries() == before
     assert all(b.gpus.mig_mode(i) == (False, False) for i in range(2))  # no mode left pending
     assert b.node.labels[DP] == "custom" and not b.node.held()
+
+
+# --- the rollout slot --------------------------------------------------------------------------------
+
+
+def test_a_change_takes_its_slot_before_holding_and_frees_it_after_releasing() -> None:
+    b = bench()
+    b.slot = slot = Slot(b.node)
+    outcome = b.change("gpu0-3g-gpu1-off").run()
+    assert outcome.state == keys.STATE_SUCCESS
+    assert slot.calls == [("take", False), ("release", False)]
+    assert slot.released == [{"failed": None, "succeeded": True, "config": "gpu0-3g-gpu1-off"}]
+    assert slot.checks == 2  # before evicting, before applying
+
+
+def test_without_a_slot_the_node_waits_unheld_and_nothing_is_done() -> None:
+    b = bench()
+    before = b.gpus.geometries()
+    b.node.apply(NodeEdit(take_hold=(HoldMode.TAINT, "gpu0-3g-gpu1-off")))  # e.g. a webhook held it
+    b.slot = Slot(b.node, free=False)
+    outcome = b.change("gpu0-3g-gpu1-off").run()
+    assert outcome.waiting and outcome.state == keys.STATE_PENDING
+    assert b.node.labels[keys.LABEL_MIG_STATE] == keys.STATE_PENDING
+    assert b.node.annotations[keys.ANNOTATION_REASON] == (
+        "waiting for a rollout slot (pool P: 1 of 1 in use: gpu-9)"
+    )
+    assert not b.node.held()  # it keeps running what it runs, and takes new pods
+    assert b.record() is None and b.node.labels[DP] == "custom"
+    assert b.gpus.geometries() == before
+    assert b.slot.calls == [("take", True)]  # nothing freed: nothing taken
+
+
+def test_a_waiting_node_is_not_rewritten_when_nothing_is_due() -> None:
+    b = bench()
+    b.slot = Slot(b.node, free=False, waiting=Waiting("slots", "waiting ...", report=False))
+    writes = len(b.node.writes)
+    assert b.change("gpu0-3g-gpu1-off").run().waiting
+    assert len(b.node.writes) == writes
+
+
+def test_a_failed_change_counts_against_the_pool_before_its_slot_frees() -> None:
+    b = bench()
+    b.operands.still_there = "gpu-operator/nvidia-device-plugin-x"
+    b.slot = slot = Slot(b.node)
+    outcome = b.change("gpu0-3g-gpu1-off").run()
+    assert outcome.state == keys.STATE_FAILED
+    assert slot.calls[-1] == ("release", False)
+    assert slot.released == [{"failed": outcome.reason, "succeeded": False, "config": "gpu0-3g-gpu1-off"}]
+
+
+def test_an_api_error_frees_the_slot_without_counting_a_failure() -> None:
+    b = bench()
+    b.workloads.pods = {POD: [(1, 0)]}
+
+    def evict(pods: Sequence[PodRef]) -> list[PodRef]:
+        raise ApiException(status=503, reason="Service Unavailable")
+
+    b.evictor.evict = evict  # type: ignore[method-assign]
+    b.slot = slot = Slot(b.node)
+    assert b.change("gpu0-3g-gpu1-off").run().api_failure is not None
+    assert slot.released == [{"failed": None, "succeeded": False, "config": "gpu0-3g-gpu1-off"}]
+
+
+def test_a_lost_slot_stops_the_change_before_it_disrupts_anything() -> None:
+    b = bench()
+    before = b.gpus.geometries()
+    b.workloads.pods = {POD: [(1, 0)]}
+    b.slot = Slot(b.node, lose_at_check=1)  # taken over while the operands drained
+    outcome = b.change("gpu0-3g-gpu1-off").run()
+    assert outcome.state == keys.STATE_FAILED
+    assert isinstance(outcome.api_failure, SlotLostError)  # no verdict: the loop retries (and waits)
+    assert b.evictor.evicted == [] and b.gpus.geometries() == before
+    assert not b.node.held() and b.record() is None and b.node.labels[DP] == "custom"
+
+
+def test_a_newer_label_keeps_the_slot_with_the_hold() -> None:
+    b = bench()
+    b.slot = slot = Slot(b.node)
+
+    def relabel() -> None:
+        if b.node.labels.get(keys.LABEL_MIG_STATE) == keys.STATE_PENDING:
+            b.node.obj["metadata"]["labels"][keys.LABEL_MIG_CONFIG] = "all-disabled"
+
+    b.node.during_write = relabel
+    assert b.change("gpu0-3g-gpu1-off").run().newer
+    assert b.node.held() and slot.calls == [("take", False)]
+
+
+def test_a_change_resumed_without_a_slot_waits_held_with_its_record() -> None:
+    b = bench()
+    killed = b.change("gpu0-3g-gpu1-off")
+    killed.begin()  # then the agent died, and its slot expired and went to another node
+    b.slot = Slot(b.node, free=False)
+    outcome = b.change("gpu0-3g-gpu1-off").run()
+    assert outcome.waiting
+    assert b.node.held() and b.record() is not None  # its GPUs may be half-way
+    assert "waiting for a rollout slot" in b.node.annotations[keys.ANNOTATION_REASON]
+
+
+def test_the_slot_is_kept_over_a_host_reboot_and_taken_back_after_it() -> None:
+    b = bench(initial="all-disabled")
+    b.slot = slot = Slot(b.node)
+    _rebooting(b)
+    assert slot.calls == [("take", False), ("keep_through_reboot", True)]
+    b.sim.simReboot()
+    assert b.change("all-3g").run().state == keys.STATE_SUCCESS
+    assert slot.calls[2:] == [("take", True), ("release", False)]

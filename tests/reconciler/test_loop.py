@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes import client as k8s
 
-from devcluster.helpers import create_gpu_node
+from devcluster.helpers import create_gpu_node, ensure_namespace
 from kube.config_source import ConfigSource, FileFeed
 from migcore import keys
 from migcore.catalog import Catalog, catalog_from_data, load_catalog
@@ -26,6 +27,7 @@ from reconciler.change import Progress
 from reconciler.gpu_access import GpuAccess
 from reconciler.loop import Reconciler, Settings
 from reconciler.nvml_sim import SimulatedNvml
+from reconciler.rollout import Budget, RolloutSettings
 
 A100 = "NVIDIA-A100-SXM4-40GB"
 DP = "nvidia.com/gpu.deploy.device-plugin"
@@ -47,6 +49,7 @@ def _make(
     faults: str | None = None,
     labels: dict[str, str] | None = None,
     reboot: Callable[[], None] | None = None,
+    rollout: RolloutSettings | None = None,
 ) -> tuple[Reconciler, SimulatedNvml]:
     name = f"loop-{uuid.uuid4().hex[:6]}"
     create_gpu_node(k8s_api, name, A100, gpus, labels=labels, fake=False)
@@ -57,6 +60,7 @@ def _make(
         node_name=name,
         podresources_socket=str(tmp_path / "no-kubelet.sock"),
         reboot_enabled=reboot is not None,
+        rollout=rollout,
     )
     return Reconciler(
         k8s_api, access, ConfigSource(FileFeed(config_file), load_catalog()), settings, reboot=reboot
@@ -357,3 +361,21 @@ def test_a_catalog_the_driver_contradicts_is_logged_and_counted(
     ), caplog.text
     metrics = rec.metrics.render().decode()
     assert 'mig_guard_catalog_disagreements{gpu="0",product="A100-40GB"} 1.0' in metrics
+
+
+def test_a_slot_taken_for_a_change_no_longer_needed_is_freed(
+    k8s_api: Any, tmp_path: Path, config_file: Path
+) -> None:
+    """The waker claims a free slot before the loop looks again; if the loop then finds nothing to
+    do (the label went back meanwhile), the slot must not stay held (renewed for nothing)."""
+    namespace = f"rollout-{uuid.uuid4().hex[:6]}"
+    ensure_namespace(k8s_api, namespace)
+    rec, _ = _make(k8s_api, tmp_path, config_file, rollout=RolloutSettings(Budget(count=1), namespace))
+    assert rec.rollout is not None
+    rec.publish_hardware()
+    assert rec.rollout.take(A100) is None  # as the waker does
+    leases = k8s.CoordinationV1Api(k8s_api).list_namespaced_lease(namespace).items
+    assert [lease.spec.holder_identity for lease in leases] == [rec.settings.node_name]
+    rec.reconcile("slot")  # no layout label: nothing to change
+    assert rec.rollout.held is None
+    assert k8s.CoordinationV1Api(k8s_api).list_namespaced_lease(namespace).items == []

@@ -19,7 +19,7 @@ NOW = "2026-11-28T15:00:00Z"
 LATER = "2026-11-28T15:00:07Z"
 
 
-def mutate(old: dict | None, new: dict, mode: HoldMode, now: str = NOW) -> tuple[list[Any], dict]:
+def mutate(old: dict | None, new: dict, mode: HoldMode | None, now: str = NOW) -> tuple[list[Any], dict]:
     creating = old is None
     ops = mutation_patch(NodeChange(NodeView.of(old), NodeView.of(new)), mode, creating, now)
     return list(ops), apply_patch(new, ops)
@@ -55,6 +55,20 @@ def test_accepted_change_sets_pending_taints_and_records_the_hold() -> None:
         == "waiting for the reconciler to apply all-1g.5gb"
     )
     assert "unschedulable" not in result["spec"]
+
+
+def test_without_an_admission_hold_the_change_is_pending_and_the_node_not_held() -> None:
+    """With a rollout budget the reconciler holds the node when its slot is free: a push to a whole
+    pool must not hold the pool at admission."""
+    old = node(labels=gfd_labels())
+    for before in (old, None):  # a change, and a node created with the label
+        _, result = mutate(before, relabel(old, {keys.LABEL_MIG_CONFIG: "all-1g.5gb"}), None)
+        assert result["metadata"]["labels"][keys.LABEL_MIG_STATE] == keys.STATE_PENDING
+        assert result["metadata"]["annotations"][keys.ANNOTATION_REASON] == (
+            "waiting for the reconciler to apply all-1g.5gb"
+        )
+        assert keys.ANNOTATION_HOLD not in result["metadata"]["annotations"]
+        assert our_taints(result) == [] and "unschedulable" not in result["spec"]
 
 
 def test_a_second_change_replaces_the_taint_value_without_duplicating() -> None:

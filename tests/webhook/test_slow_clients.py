@@ -92,3 +92,41 @@ def test_admission_and_probes_go_on_while_slow_and_idle_clients_hold_on(server: 
     finally:
         for sock in stalled + idle:
             sock.close()
+
+
+def handshaken_client(server: WebhookProcess) -> ssl.SSLSocket:
+    """A TLS connection with the handshake done and no request (yet): what the API server's HTTP
+    client keeps as a spare when it dials more connections in a burst than it then needs."""
+    raw = socket.create_connection((server.host, server.port), timeout=HANG_GUARD_SECONDS)
+    return ssl.create_default_context(cafile=str(server.ca_file)).wrap_socket(
+        raw, server_hostname=server.host
+    )
+
+
+def test_spare_tls_connections_hold_no_request_thread(
+    tmp_path: Path, authority: TestAuthority, default_config_file: Path
+) -> None:
+    """Found by bench/bench_fleet.py: in a burst of Node writes the API server dials connections it
+    then keeps idle; each held a request thread (read from until --read-timeout), all 8 of them
+    were taken, and admission stopped until the API server's own 5 s timeout failed the writes.
+    Here the read timeout is longer than the client's wait for an answer: before the fix no
+    request was answered while the spares were open."""
+    process = WebhookProcess(
+        tmp_path, authority, "--mig-config-file", str(default_config_file), "--read-timeout", "30"
+    )
+    with process:
+        spares = [handshaken_client(process) for _ in range(12)]  # more than 2 workers x 4 threads
+        try:
+            old = node(labels=gfd_labels(A100))
+            for i in range(8):
+                body = review(relabel(old, {keys.LABEL_MIG_CONFIG: "all-1g.5gbb"}), old, uid=f"s{i}")
+                status, answer = process.post("/validate", body)
+                assert status == 200
+                assert answer["response"]["allowed"] is False
+            # A spare is still served when its client uses it.
+            spares[0].sendall(b"GET /readyz HTTP/1.1\r\nHost: webhook\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(spares[0]).startswith(b"HTTP/1.1 200")
+            assert "Traceback" not in process.logs()
+        finally:
+            for sock in spares:
+                sock.close()
