@@ -38,8 +38,13 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -m "not cluster" -q
 
+# Tests run in parallel (pytest-xdist): one worker per CPU, at least 2 (most tests wait on API
+# servers and kubelets, not on the CPU). Each test file runs on one worker, the real-node tests
+# (tests/realnode/) all on one, first (devcluster.pytest_plugin). TEST_WORKERS=0: no workers.
+TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -lt 2 ] && n=2; echo $$n)
+
 test: lint binaries node-prep
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -44,7 +44,42 @@ CLUSTER_FIXTURES = {
 }  # fmt: skip
 
 
+#: Test files using the real node live in folders of this name: under pytest-xdist they all run on
+#: one worker (one real node per machine, started once), see :class:`_ParallelRun`.
+REAL_NODE_DIR = "realnode"
+
+
+class _ParallelRun:
+    """Under pytest-xdist with ``--dist loadfile``: each test file runs on one worker (its module
+    fixtures, a webhook or a cluster of nodes, start once), every file under a ``realnode/`` folder on
+    the same worker, and that group first, as it is the longest."""
+
+    SCOPE = "real node"
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        if config.getvalue("dist") != "loadfile":
+            return None
+        from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]  # noqa: PLC0415
+
+        scope = self.SCOPE
+
+        class RealNodeFirst(LoadScopeScheduling):  # type: ignore[misc]
+            def _split_scope(self, nodeid: str) -> str:
+                path = nodeid.split("::", 1)[0]
+                return scope if REAL_NODE_DIR in path.split("/")[:-1] else path
+
+            def _assign_work_unit(self, node: Any) -> None:
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+                super()._assign_work_unit(node)
+
+        return RealNodeFirst(config, log)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_ParallelRun(), "devcluster-parallel-run")
     # Also declared in pyproject.toml; repeated here so the plugin works in any project.
     config.addinivalue_line("markers", "cluster: needs the local control plane (kube-apiserver + etcd)")
     config.addinivalue_line("markers", "workloads: needs controller-manager, scheduler and kwok as well")
@@ -62,12 +97,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.workloads)
         if names & REAL_NODE_FIXTURES:
             item.add_marker(pytest.mark.realnode)
+        item.user_properties.append((_KIND, _kind(item)))
+        if names & REAL_NODE_FIXTURES and REAL_NODE_DIR not in item.path.parts:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the real node: put it under a {REAL_NODE_DIR}/ folder, where the "
+                "parallel run gives all real-node tests to one worker (one real node per machine)"
+            )
 
 
-_group_seconds_key = pytest.StashKey[dict[str, float]]()
+_KIND = "mig_guard_kind"
+_kind_seconds: dict[str, float] = {}  # this process's session (the controller's under xdist)
 
 
-def _group(item: pytest.Item) -> str:
+def _kind(item: pytest.Item) -> str:
     if item.get_closest_marker("realnode"):
         return "real node"
     if item.get_closest_marker("cluster"):
@@ -77,19 +119,23 @@ def _group(item: pytest.Item) -> str:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """Where the time went: unit tests, control-plane tests, real-node tests (setup and teardown
-    of the session fixtures included in the group that used them first/last)."""
-    seconds = config.stash.get(_group_seconds_key, {})
-    if seconds:
-        parts = ", ".join(f"{group} {secs:.0f}s" for group, secs in sorted(seconds.items()))
+    of the session fixtures included in the kind that used them first/last; summed over workers)."""
+    if _kind_seconds:
+        parts = ", ".join(f"{kind} {secs:.0f}s" for kind, secs in sorted(_kind_seconds.items()))
         terminalreporter.write_line(f"test time by kind: {parts}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Runs where reports are collected (the controller under xdist), so every worker's count."""
+    kind = dict(report.user_properties).get(_KIND)
+    if isinstance(kind, str):
+        _kind_seconds[kind] = _kind_seconds.get(kind, 0.0) + report.duration
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
-    seconds = item.config.stash.setdefault(_group_seconds_key, {})
-    seconds[_group(item)] = seconds.get(_group(item), 0.0) + report.duration
     if not report.failed:
         return
     if not set(getattr(item, "fixturenames", ())) & CLUSTER_FIXTURES:
