@@ -171,6 +171,10 @@ class Progress:
     phase: Phase = Phase.STARTING
     step: int = 0
     reboot_attempted: bool = False
+    # The host's boot id when the reboot was asked for ("": unknown), and whether it was asked once
+    # more because the host had not rebooted (the agent killed before the reboot, say).
+    boot_id: str = ""
+    reboot_retried: bool = False
     started_at: str = field(default_factory=now_rfc3339)
     host_clients: list[str] = field(default_factory=list)
     validators: bool = False
@@ -189,6 +193,8 @@ class Progress:
             "phase": str(self.phase),
             "step": self.step,
             "rebootAttempted": self.reboot_attempted,
+            "bootId": self.boot_id,
+            "rebootRetried": self.reboot_retried,
             "startedAt": self.started_at,
             "hostClients": list(self.host_clients),
             "validatorsRemoved": self.validators,
@@ -211,6 +217,8 @@ class Progress:
             phase=Phase.parse(raw.get("phase")),
             step=int(raw.get("step", 0)),
             reboot_attempted=bool(raw.get("rebootAttempted", False)),
+            boot_id=str(raw.get("bootId", "")),
+            reboot_retried=bool(raw.get("rebootRetried", False)),
             started_at=str(raw.get("startedAt", "")),
             host_clients=[str(u) for u in raw.get("hostClients", [])],
             validators=bool(raw.get("validatorsRemoved", False)),
@@ -357,6 +365,8 @@ class Parts:
     metrics: Metrics
     report: HardwareReport
     reboot: Callable[[], None]
+    # The host's boot id ("": unknown): whether the host rebooted since the change asked it to.
+    boot_id: Callable[[], str] = str
     cdi: CdiDevices = field(default_factory=NoHost)
     host_clients: HostGpuClients = field(default_factory=NoHost)
     operator: OperatorPods = field(default_factory=NoHost)
@@ -597,17 +607,8 @@ class Change:
             return self.wait(waiting)
         outcome = Outcome(keys.STATE_FAILED, "")
         try:
-            if self.progress.phase.on_restart is OnRestart.CHECK_REBOOT:  # resumed in that phase
-                self.check_reboot()
-            self.begin()
-            movers = self.announce()
-            self.drain_operands()
-            self.evict(movers)
-            self.stop_host_clients()
-            self.refuse_busy_gpus()
-            outcome = self.apply()
-            if outcome.state == keys.STATE_SUCCESS:
-                self.publish()
+            resumed_rebooting = self.progress.phase.on_restart is OnRestart.CHECK_REBOOT
+            outcome = self.reboot_again() if resumed_rebooting and self.check_reboot() else self.steps()
         except CdiError as exc:  # PUBLISHING: the GPUs keep the new layout
             outcome = Outcome(keys.STATE_FAILED, not_usable_yet(self.name, str(exc)))
         except (
@@ -664,11 +665,43 @@ class Change:
             self.parts.node.apply(NodeEdit(lift_hold=True))  # a hold taken meanwhile (a webhook's)
         return Outcome(keys.STATE_PENDING, waiting.reason, waiting=True)
 
-    def check_reboot(self) -> None:
-        """After the host reboot: every mode change it was for must be active now."""
+    def steps(self) -> Outcome:
+        """From the hold to the CDI refresh (see the module's table)."""
+        self.begin()
+        movers = self.announce()
+        self.drain_operands()
+        self.evict(movers)
+        self.stop_host_clients()
+        self.refuse_busy_gpus()
+        outcome = self.apply()
+        if outcome.state == keys.STATE_SUCCESS:
+            self.publish()
+        return outcome
+
+    def check_reboot(self) -> bool:
+        """Resumed in REBOOTING: True when the host has not rebooted yet (its boot id is the one
+        recorded before the reboot: the agent was stopped before the reboot took place), so it is
+        asked once more; else every mode change the reboot was for must be active now."""
+        booted = self.parts.boot_id()
+        if self.progress.boot_id and booted == self.progress.boot_id:
+            if not self.progress.reboot_retried:
+                return True
+            raise GpuError(f"the host did not reboot although asked twice (its boot id is still {booted})")
         stuck = [g for g in self.plan.changed if g.mode_changes]
         if stuck:
             raise GpuError("; ".join(_not_activated(g) for g in stuck))
+        return False
+
+    def reboot_again(self) -> Outcome:
+        """The host was asked to reboot and has not: ask once more (recorded first, so never a third time)."""
+        self.progress.reboot_retried = True
+        reason = f"the host has not rebooted for {self.name} yet: rebooting it (asked once more)"
+        self.parts.node.apply(
+            NodeEdit(
+                state=keys.STATE_REBOOTING, reason=reason, annotations=record(self.parts.store, self.progress)
+            )
+        )
+        return Outcome(keys.STATE_REBOOTING, reason)
 
     def begin(self) -> None:
         """Pending, held, operands paused, progress recorded: one Node write (and the condition)."""
@@ -844,6 +877,7 @@ class Change:
         if busy is not None:
             raise RebootRefusedError(f"the host was not rebooted: {busy}, which a reboot would end")
         self.progress.reboot_attempted = True
+        self.progress.boot_id = self.parts.boot_id()
         self._set_pending_modes(changed[n + 1 :])
         reason = f"{why}: rebooting the host (once for {self.name})"
         self.progress.phase = Phase.REBOOTING

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST_ROOT = "/host"
 COMMAND_TIMEOUT_SECONDS = 120.0
 REBOOT_GRACE_SECONDS = 600.0
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 SYMLINK_HOPS = 40
 # What a failed command's message keeps of its output.
 OUTPUT_CHARS = 400
@@ -105,6 +106,15 @@ class HostRoot:
             output = _tail(done.stderr + " " + done.stdout) or "no output"
             raise HostCommandError(f"`{what}` on the host exited {done.returncode}: {output}")
         return done
+
+    @staticmethod
+    def boot_id() -> str:
+        """The host's boot id (the kernel's, the same inside a container): a change that asked for a
+        reboot knows from it whether the host has rebooted since; "" when it cannot be read."""
+        try:
+            return BOOT_ID_FILE.read_text(encoding="ascii").strip()
+        except OSError:
+            return ""
 
     def reboot(self) -> None:
         """Reboot the node through the host's systemd, then wait to be stopped: reconciling again

@@ -249,6 +249,7 @@ class Reconciler:
             metrics=self.metrics,
             report=Reports((self.hardware.report(self.access, self.catalog), self.usage)),
             reboot=self.reboot,
+            boot_id=getattr(self.access.nvml, "simBootId", None) or self.host.boot_id,
             slot=slot,
             cdi=self.cdi,
             host_clients=self.host_clients,

@@ -365,6 +365,7 @@ class SimulatedNvml:
         self._handle_keys: dict[int, tuple[Any, ...]] = {}
         self._buffers: list[Any] = []
         self._gpus: list[_Gpu] = []
+        self._boots = 1  # the host's boots so far: simBootId changes with each simReboot
         loaded = self._load_state() if self._state_file is not None else False
         if not loaded:
             if not gpus:
@@ -413,13 +414,17 @@ class SimulatedNvml:
                 f"{self._state_file}: not a simulated-GPU state file of version {STATE_VERSION}"
             )
         self._gpus = [_gpu_from_json(g) for g in raw["gpus"]]
+        self._boots = int(raw.get("boots", 1))
         self._state_stamp = self._stamp()
         return True
 
     def _save_state(self) -> None:
         if self._state_file is None:
             return
-        body = json.dumps({"version": STATE_VERSION, "gpus": [_gpu_to_json(g) for g in self._gpus]}, indent=1)
+        body = json.dumps(
+            {"version": STATE_VERSION, "boots": self._boots, "gpus": [_gpu_to_json(g) for g in self._gpus]},
+            indent=1,
+        )
         tmp = self._state_file.with_name(f".{self._state_file.name}.{os.getpid()}.tmp")
         tmp.write_text(body, encoding="utf-8")
         os.replace(tmp, self._state_file)  # atomic: a SIGKILL leaves the old or the new state
@@ -990,12 +995,21 @@ class SimulatedNvml:
         gpu.gis.clear()
 
     @nvml_call(mutates=True)
-    def simReboot(self) -> None:
-        """A host reboot: pending modes take effect, instances and processes are gone."""
+    def simReboot(self, reset_gpus: bool = True) -> None:
+        """A host reboot: pending modes take effect, instances and processes are gone. With
+        `reset_gpus=False`, a warm reboot that leaves the GPUs as they were (modes still pending)."""
+        self._boots += 1
+        if not reset_gpus:
+            return
         for gpu in self._gpus:
             gpu.mig_current = gpu.mig_pending
             gpu.gis.clear()
             gpu.pids.clear()
+
+    @nvml_call()
+    def simBootId(self) -> str:
+        """The simulated host's boot id (as /proc/sys/kernel/random/boot_id): new at each reboot."""
+        return f"00000000-0000-4000-8000-{self._boots:012x}"
 
     @nvml_call(mutates=True)
     def simAddProcess(self, index: int, pid: int, gi_start: int | None = None) -> None:

@@ -227,6 +227,7 @@ class Bench:
             metrics=Metrics(),
             report=Report(),
             reboot=self.reboot or (lambda: self.reboots.append("reboot")),
+            boot_id=self.sim.simBootId,
             **({"slot": self.slot} if self.slot is not None else {}),
             cdi=self.cdi,
             host_clients=self.host_clients,
@@ -502,9 +503,41 @@ def test_a_mode_change_the_reboot_did_not_activate_fails_and_rolls_back() -> Non
     b = bench(initial="all-disabled")
     before = b.gpus.geometries()
     _rebooting(b)
-    outcome = b.change("all-3g").run()  # back without the reboot having happened: still pending
+    b.sim.simReboot(reset_gpus=False)  # a warm reboot that did not reset the GPUs
+    outcome = b.change("all-3g").run()  # back after it: the modes are still pending
     assert outcome.state == keys.STATE_FAILED
     assert "the reboot did not activate MIG enabled (the mode change is still pending" in outcome.reason
+    assert b.gpus.geometries() == before
+    assert all(b.gpus.mig_mode(i) == (False, False) for i in range(2))  # no mode left pending
+    assert not b.node.held() and b.record() is None
+
+
+def test_an_agent_stopped_before_the_reboot_took_place_asks_for_it_once_more() -> None:
+    b = bench(initial="all-disabled")
+    _rebooting(b)  # the reboot was asked for, but the host has not rebooted (same boot id)
+    outcome = b.change("all-3g").run()  # the agent back (killed before the reboot, say)
+    assert outcome.state == keys.STATE_REBOOTING, outcome.reason
+    assert b.reboots == ["reboot", "reboot"]
+    record = b.record()
+    assert record is not None and record.phase is Phase.REBOOTING and record.reboot_retried
+    assert "has not rebooted for all-3g yet" in b.node.annotations[keys.ANNOTATION_REASON]
+    assert b.node.held()
+    b.sim.simReboot()  # this time the host reboots
+    outcome = b.change("all-3g").run()
+    assert outcome.state == keys.STATE_SUCCESS, outcome.reason
+    assert all(g.device_counts() == {"3g.20gb": 2} for g in b.gpus.geometries().values())
+    assert not b.node.held() and b.record() is None
+
+
+def test_a_host_that_does_not_reboot_when_asked_twice_fails_and_rolls_back() -> None:
+    b = bench(initial="all-disabled")
+    before = b.gpus.geometries()
+    _rebooting(b)
+    assert b.change("all-3g").run().state == keys.STATE_REBOOTING  # asked once more
+    outcome = b.change("all-3g").run()  # and still the same boot
+    assert outcome.state == keys.STATE_FAILED
+    assert "the host did not reboot although asked twice" in outcome.reason
+    assert b.reboots == ["reboot", "reboot"]
     assert b.gpus.geometries() == before
     assert all(b.gpus.mig_mode(i) == (False, False) for i in range(2))  # no mode left pending
     assert not b.node.held() and b.record() is None

@@ -39,7 +39,12 @@ def test_a_mode_change_still_pending_after_the_reboot_rolls_every_gpu_back(
     before = node.geometries()
     reboots: list[str] = []
     # The host came back but the GPU did not switch modes (a warm reboot that does not reset it).
-    rec = node.reconciler(reboot=lambda: reboots.append("reboot"))
+
+    def warm_reboot() -> None:
+        reboots.append("reboot")
+        node.nvml().simReboot(reset_gpus=False)
+
+    rec = node.reconciler(reboot=warm_reboot)
     rec.reconcile("start")
     node.label("gpu0-3g-gpu1-off")
     rec.reconcile("label")

@@ -71,6 +71,27 @@ def test_mode_change_reboots_once_when_enabled(gpu_node: GpuNodeFactory) -> None
     assert node.operand_label() == "true"
 
 
+def test_an_agent_killed_as_it_reboots_the_host_reboots_it_when_it_comes_back(
+    gpu_node: GpuNodeFactory,
+) -> None:
+    """Killed after it wrote `rebooting` and before the reboot took place (the simulated host
+    keeps its boot id): the agent back finds the host not rebooted and asks again, instead of
+    judging the mode change as not activated."""
+    node = gpu_node(gpus=2, initial="all-disabled")
+    _reset_needs_reboot(node)
+    agent = node.start_agent("--reboot-enabled", faults="simReboot@1=SIGKILL")
+    node.wait_outcome("success", "all-disabled applied")
+    since = node.label("all-3g")
+    node.wait_outcome("rebooting", "", since=since)
+    assert agent.wait(60) == -9  # SIGKILL at the reboot: the host has not rebooted
+    assert node.held()
+    node.start_agent("--reboot-enabled")
+    reason = node.wait_outcome("success", "all-3g applied", since=since)
+    assert node.counts() == {0: {"3g.20gb": 2}, 1: {"3g.20gb": 2}}, reason
+    assert not node.held()
+    assert node.operand_label() == "true"
+
+
 def test_mode_change_needing_a_reboot_fails_when_reboot_is_disabled(gpu_node: GpuNodeFactory) -> None:
     node = gpu_node(gpus=2, initial="all-disabled")
     _reset_needs_reboot(node)
