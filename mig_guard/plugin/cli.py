@@ -33,10 +33,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message}\n")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
-    parser.add_argument("--kubeconfig", metavar="FILE", help="default: $KUBECONFIG, else ~/.kube/config")
-    parser.add_argument("--context", metavar="NAME", help="default: the kubeconfig's current context")
+def _common(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """The flags every command takes, before the command or after it (`kubectl mig -o json status`
+    as `kubectl mig status -o json`): the defaults are set once, on the top parser."""
+
+    def default(value: str | None) -> str | None:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "-o", "--output", choices=("text", "json"), default=default("text"), help="output format"
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        default=default(None),
+        help="default: $KUBECONFIG, else ~/.kube/config",
+    )
+    parser.add_argument(
+        "--context", metavar="NAME", default=default(None), help="default: the kubeconfig's current context"
+    )
 
 
 def _configmap(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kubectl mig",
         description="See MIG layouts, and what a change would do, before changing anything (read only).",
     )
+    _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("status", help="each GPU node: GPUs, layout, state, for how long, why, held or not")
     p.add_argument("nodes", nargs="*", metavar="NODE", help="default: every GPU node")

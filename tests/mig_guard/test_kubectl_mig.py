@@ -136,6 +136,8 @@ def test_status_shows_each_node_at_a_glance(mig: Mig, k8s_api: Any, gpus: GpuAcc
     assert first.split()[6] == "-" and first.endswith("all-3g applied: GPUs 0-1: 3g.20gb@0, 3g.20gb@4")
     assert second.split() == [bare, "H100-80GB-HBM3", "x8", "(labels)", "-", "-", "-", "-", "-"]
     data = json.loads(mig("status", done, "-o", "json").stdout)
+    # kubectl's habit: the output flag before the command works the same.
+    assert json.loads(mig("-o", "json", "status", done).stdout)["nodes"][0]["node"] == done
     (node,) = data["nodes"]
     assert node["gpus"] == {"text": "A100-SXM4-40GB x2", "count": 2, "source": keys.ANNOTATION_GPUS}
     assert (node["config"], node["state"], node["held"]) == ("all-3g", "success", [])
