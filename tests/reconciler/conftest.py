@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 from kubernetes import watch
+from node_harness import NodeFiles
 
 from devcluster.faultproxy import FaultProxy
 from devcluster.helpers import (
@@ -32,7 +33,6 @@ from migcore import keys
 from migcore.catalog import load_catalog, sanitise_product_name
 from migcore.check import check_config, hardware_from_report
 from migcore.config import parse_config
-from migcore.geometry import GpuGeometry
 from migcore.planning import desired_geometries, plan_node
 from reconciler.gpu_access import GpuAccess
 from reconciler.nvml_sim import GpuModel, SimulatedNvml, load_gpu_model
@@ -72,7 +72,7 @@ mig-configs:
 
 
 @dataclass
-class GpuNode:
+class GpuNode(NodeFiles):
     """A kwok node with simulated GPUs, its own namespace, operand DaemonSet and PodResources socket."""
 
     api: Any
@@ -86,27 +86,6 @@ class GpuNode:
     simulated: tuple[str, str] = ("--simulated-gpus", f"{A100}:2")  # how the agent gets its GPUs
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
     seen: list[tuple[str | None, bool]] = field(default_factory=list)  # (state, our taint?) per update
-
-    @property
-    def core(self) -> Any:
-        return k8s.CoreV1Api(self.api)
-
-    @property
-    def state_file(self) -> Path:
-        return self.workdir / "gpus.json"
-
-    @property
-    def config_file(self) -> Path:
-        return self.workdir / "config.yaml"
-
-    def access(self) -> GpuAccess:
-        """The simulated GPUs as the agent left them (same state file, another process)."""
-        access = GpuAccess(SimulatedNvml(state_file=self.state_file))
-        access.start()
-        return access
-
-    def geometries(self) -> dict[int, GpuGeometry]:
-        return self.access().geometries()
 
     def counts(self) -> dict[int, dict[str, int]]:
         return {i: dict(g.device_counts()) for i, g in self.geometries().items()}

@@ -105,16 +105,12 @@ def layouts(config_name: str, gpus: int) -> dict[int, GpuGeometry]:
     return desired_geometries(result, current)
 
 
-@dataclass
-class SimNode:
-    """A Node (plain API object, or a kwok node with `fake=True`) and its simulated GPUs."""
+class NodeFiles:
+    """What every test node here has (SimNode, and the e2e tests' GpuNode in conftest.py): the API,
+    a work folder holding its config file and its simulated GPUs' state file, read by any process."""
 
     api: Any
-    name: str
     workdir: Path
-    gpus: int
-    namespace: str = ""
-    reconcilers: list[Reconciler] = field(default_factory=list)
 
     @property
     def core(self) -> Any:
@@ -133,6 +129,7 @@ class SimNode:
         return SimulatedNvml(state_file=self.state_file, faults=faults)
 
     def access(self, faults: str | None = None) -> GpuAccess:
+        """The simulated GPUs as they are now (the same state file as the agent's, another process)."""
         access = GpuAccess(self.nvml(faults))
         access.start()
         return access
@@ -140,6 +137,18 @@ class SimNode:
     def geometries(self) -> dict[int, GpuGeometry]:
         """What the GPUs hold now, pending MIG modes included."""
         return self.access().geometries()
+
+
+@dataclass
+class SimNode(NodeFiles):
+    """A Node (plain API object, or a kwok node with `fake=True`) and its simulated GPUs."""
+
+    api: Any
+    name: str
+    workdir: Path
+    gpus: int
+    namespace: str = ""
+    reconcilers: list[Reconciler] = field(default_factory=list)
 
     def modes(self) -> dict[int, tuple[bool, bool]]:
         access = self.access()
