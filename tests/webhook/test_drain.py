@@ -109,20 +109,16 @@ def keep_alive_client(server: WebhookProcess, tally: Tally, name: str, pause: fl
             return
         try:
             sock = context.wrap_socket(raw, server_hostname=server.host)
-        except ConnectionResetError as exc:
+        except (OSError, ssl.SSLError) as exc:
             raw.close()
-            if tally.stopping.is_set():
+            if isinstance(exc, ConnectionResetError) and tally.stopping.is_set():
                 # Reached the listening socket in the instant between the workers' last accept and
                 # its close: the kernel resets what it queued then (no server can avoid that; the
                 # chart's preStop sleep keeps the API server from connecting at that time). Like a
                 # refusal, the client goes elsewhere.
                 tally.add("reset_at_close")
-                return
-            tally.fail(f"{name}: TLS handshake of a new connection failed: {exc!r}")
-            return
-        except (OSError, ssl.SSLError) as exc:
-            raw.close()
-            tally.fail(f"{name}: TLS handshake of a new connection failed: {exc!r}")
+            else:
+                tally.fail(f"{name}: TLS handshake of a new connection failed: {exc!r}")
             return
         try:
             while True:
