@@ -79,3 +79,19 @@ def configmap_ref(args: argparse.Namespace) -> ConfigMapRef:
         return ConfigMapRef.parse(args.configmap, args.configmap_key)
     except ValueError as exc:
         raise ValueError(f"--configmap: {exc}") from exc
+
+
+def add_simulated_gpus(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """`--simulated-gpus` or `--simulated-gpu-spec` (one at most): simulated GPUs instead of NVML,
+    as `reconciler.gpu_backend.make_gpu_access` reads them; `note` ends both helps."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--simulated-gpus",
+        metavar="LABEL:N[,LABEL:N]",
+        help=f"simulated catalog GPUs instead of NVML, e.g. NVIDIA-A100-SXM4-40GB:8{note}",
+    )
+    group.add_argument(
+        "--simulated-gpu-spec",
+        metavar="FILE:N[,FILE:N]",
+        help=f"simulated GPUs from driver-table files (mig-guard hardware --json output), e.g. x100.json:8{note}",
+    )

@@ -18,6 +18,7 @@ import argparse
 import sys
 from typing import Any
 
+from mig_guard.commands import flags
 from migcore.catalog import format_pci_device_id, load_catalog
 from migcore.driver_table import MigTable
 from migcore.hardware import DiscoveredGpu, NodeGpus
@@ -37,15 +38,7 @@ def register(sub: Any) -> None:
         description="Show this node's GPUs and the driver's MIG tables, as the reconciler would report"
         " them in mig-guard.io/gpus. Read-only: nothing on the GPUs changes.",
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--simulated-gpus", metavar="LABEL:N", help="simulated catalog GPUs instead of NVML (MIG on)"
-    )
-    source.add_argument(
-        "--simulated-gpu-spec",
-        metavar="FILE:N",
-        help="simulated GPUs from a driver-table file (mig-guard hardware --json output; MIG on)",
-    )
+    flags.add_simulated_gpus(parser, note=" (MIG on)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the annotation's JSON exactly")
     output.add_argument(

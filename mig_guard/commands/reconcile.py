@@ -40,15 +40,7 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--node-name", required=True, help="the Node this agent runs on")
     parser.add_argument("--gpu-backend", choices=("nvml", "simulated"), default="nvml")
-    simulated = parser.add_mutually_exclusive_group()
-    simulated.add_argument(
-        "--simulated-gpus", metavar="LABEL:N[,LABEL:N]", help="e.g. NVIDIA-A100-SXM4-40GB:8"
-    )
-    simulated.add_argument(
-        "--simulated-gpu-spec",
-        metavar="FILE:N[,FILE:N]",
-        help="GPUs from driver-table files (mig-guard hardware --json output), e.g. x100.json:8",
-    )
+    flags.add_simulated_gpus(parser, note=" (with --gpu-backend simulated)")
     parser.add_argument("--simulated-state-file", metavar="F", help="keep the simulated GPUs' state in F")
     parser.add_argument(
         "--simulated-faults",
