@@ -392,7 +392,7 @@ def test_the_reconciler_pod_applies_a_valid_layout_and_the_node_reaches_success(
 
 def _ready_condition(release: Release) -> str | None:
     node = release.core.read_node(release.node.name)
-    return next((c.status for c in node.status.conditions or [] if c.type == "MIGConfigReady"), None)
+    return next((c.status for c in node.status.conditions or [] if c.type == keys.CONDITION_READY), None)
 
 
 def test_on_a_gpu_operator_node_the_pod_waits_for_the_driver_then_runs_the_host_steps(
